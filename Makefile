@@ -1,0 +1,27 @@
+# Everything a newcomer needs: `make demo`, `make test`. See README.md.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# DeepSpeed JIT-builds its CPU comm op once; keep the build inside the venv so it is reused.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
+export DS_ACCELERATOR := cpu
+
+.PHONY: setup test test-fast data demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -rs tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not distributed and not slurm and not e2e" tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,184 @@
+"""Model configuration: one dataclass per component, presets, and override resolution."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class MemoryConfig:
+    """Product-key memory layer (Lample et al. 2019; Berges et al. 2024, Memory+)."""
+
+    num_slots: int = 65536
+    """N, the number of memory slots (values rows); must be a perfect square (two sub-key tables of sqrt(N))."""
+    heads: int = 4
+    """Memory heads: independent queries, each reading `k` slots; their outputs are summed."""
+    k: int = 32
+    """Slots read per head and token (top-k of the N-key product)."""
+    k_dim: int = 128
+    """Query/key dimension per head; each half (k_dim/2) scores one sub-key table."""
+    value_dim: int = 256
+    """Width of a value row (the table is num_slots x value_dim)."""
+    qk_norm: bool = False
+    """RMS-normalise query halves and sub-keys before scoring (cosine-like scores)."""
+    query_batchnorm: bool = False
+    """BatchNorm1d on the query before scoring (Lample et al. 2019); spreads slot usage."""
+    swilu: bool = True
+    """Memory+ output gate: out = W2(y * silu(W1 x)); without it, out = W2 y."""
+    sparse_grad: bool = True
+    """Sparse (COO) gradient for the values table via embedding_bag(sparse=True)."""
+    value_init_std: float | None = None
+    """Std of the value rows at init; None = value_dim ** -0.5."""
+
+    def validate(self) -> None:
+        root = math.isqrt(self.num_slots)
+        if root * root != self.num_slots:
+            raise ValueError(f"model.memory.num_slots={self.num_slots} must be a perfect square (e.g. 256**2)")
+        if self.k_dim % 2:
+            raise ValueError(f"model.memory.k_dim={self.k_dim} must be even (it is split into two halves)")
+        if not 0 < self.k <= root:
+            raise ValueError(f"model.memory.k={self.k} must be in [1, sqrt(num_slots)={root}]")
+        if self.heads < 1 or self.value_dim < 1:
+            raise ValueError("model.memory.heads and model.memory.value_dim must be positive")
+
+    @property
+    def num_sub_keys(self) -> int:
+        return math.isqrt(self.num_slots)
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder with product-key memory layers replacing some FFNs."""
+
+    vocab_size: int = 8000
+    """Vocabulary size; must equal the tokenizer's."""
+    dim: int = 256
+    """Residual stream width."""
+    n_layers: int = 6
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads (head dim = dim / n_heads)."""
+    ffn_hidden: int = 768
+    """Hidden width of the SwiGLU FFN in blocks without memory."""
+    max_seq_len: int = 512
+    """Longest sequence the model is used with (validation only; RoPE has no table)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding and output projection."""
+    memory_layers: tuple[int, ...] = (3,)
+    """0-based block indices whose FFN is a memory layer; all share one values table. Empty = dense model."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """The memory layer's configuration."""
+    init_std: float = 0.02
+    """Std of the normal init for Linear and embedding weights."""
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError("model head dim (dim / n_heads) must be even for RoPE")
+        for layer in self.memory_layers:
+            if not 0 <= layer < self.n_layers:
+                raise ValueError(
+                    f"model.memory_layers contains {layer}; must be in [0, n_layers={self.n_layers})")
+        if len(set(self.memory_layers)) != len(self.memory_layers):
+            raise ValueError(f"model.memory_layers={self.memory_layers} has duplicates")
+        self.memory.validate()
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU demo: ~22M params, N = 256^2.
+    "tiny": dict(vocab_size=8000, dim=256, n_layers=6, n_heads=4, ffn_hidden=768, max_seq_len=512,
+                 memory_layers=(3,),
+                 memory=dict(num_slots=256 ** 2, heads=4, k=32, k_dim=128, value_dim=256)),
+    # ~100M dense params (tied embeddings), N = 512^2.
+    "small": dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_hidden=2048, max_seq_len=1024,
+                  tie_embeddings=True, memory_layers=(6,),
+                  memory=dict(num_slots=512 ** 2, heads=4, k=32, k_dim=256, value_dim=768)),
+    # The paper's model (DESIGN.md section 3).
+    "paper-1.3b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=16, ffn_hidden=8192,
+                       max_seq_len=2048, memory_layers=(12,),
+                       memory=dict(num_slots=1024 ** 2, heads=4, k=32, k_dim=512, value_dim=1024)),
+    # Memory Layers at Scale's Memory+ variant: three layers sharing one pool.
+    "memplus-1.3b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=16, ffn_hidden=8192,
+                         max_seq_len=2048, memory_layers=(4, 12, 20),
+                         memory=dict(num_slots=1024 ** 2, heads=4, k=32, k_dim=512, value_dim=1024)),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert an override to the field's declared type, or raise a one-line ValueError."""
+    ann = str(annotation)
+    try:
+        if ann.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+            if isinstance(value, (int, float)):
+                value = [value]
+            return tuple(int(v) for v in value)
+        if ann == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if ann == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if ann.startswith("float"):
+            if value is None and "None" in ann:
+                return None
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} has the wrong type: expected {ann}") from None
+    return value
+
+
+def update_dataclass(obj: Any, updates: dict[str, Any], *, prefix: str) -> Any:
+    """Return a copy of dataclass `obj` with nested `updates` applied; unknown keys raise ValueError."""
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in updates.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key '{prefix}{key}'; valid keys: {', '.join(sorted(fields))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key} must be a mapping of its fields, got {value!r}")
+            changes[key] = update_dataclass(current, value, prefix=f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(value, fields[key].type, f"{prefix}{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Turn {'memory.heads': 8} / {'memory_heads'...} style keys into nested dicts."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return nested
+
+
+def make_config(preset: str, **overrides: Any) -> ModelConfig:
+    """Preset + overrides (`dim=512`, `memory={'heads': 8}` or `**{'memory.heads': 8}`) -> validated config."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset '{preset}'; choose one of: {', '.join(PRESETS)}")
+    config = update_dataclass(ModelConfig(), _nest(PRESETS[preset]), prefix="model.")
+    config = update_dataclass(config, _nest(overrides), prefix="model.")
+    config.validate()
+    return config

@@ -1,0 +1,107 @@
+"""Product-key memory layer that reports which slots it read.
+
+Each head's query is split in two halves, each scored against its own table of sqrt(N) sub-keys. The
+top-k of each half, then the top-k over the k*k candidate sums, is exactly the top-k over all N
+products (a_i + b_j) without materialising them: O(sqrt(N) * k_dim + k^2) per head and token.
+
+Ties are broken deterministically towards the lower slot index (slot = i * sqrt(N) + j), in both
+stages, so the result equals a stable brute-force ranking of all N scores.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import MemoryConfig
+
+
+def _rms(x: Tensor, eps: float = 1e-6) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _topk_lowest_index_first(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k along the last dim; among equal scores the lower position wins (stable sort)."""
+    values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], order[..., :k]
+
+
+def product_key_topk(query: Tensor, sub_keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k slots of the product-key score.
+
+    query: (M, H, k_dim); sub_keys: (H, 2, n, k_dim / 2). Returns scores (M, H, k) in descending order
+    and slot indices (M, H, k) in [0, n*n).
+    """
+    n = sub_keys.shape[2]
+    half = query.shape[-1] // 2
+    q1, q2 = query[..., :half], query[..., half:]
+    s1 = torch.einsum("mhd,hnd->mhn", q1, sub_keys[:, 0])
+    s2 = torch.einsum("mhd,hnd->mhn", q2, sub_keys[:, 1])
+    _, i1 = _topk_lowest_index_first(s1, k)
+    _, i2 = _topk_lowest_index_first(s2, k)
+    # Order each half's winners by index so that the row-major k*k candidate grid is in increasing
+    # slot order; the stable sort below then breaks ties towards the lower slot.
+    i1, _ = torch.sort(i1, dim=-1)
+    i2, _ = torch.sort(i2, dim=-1)
+    v1 = s1.gather(-1, i1)
+    v2 = s2.gather(-1, i2)
+    cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)            # (M, H, k*k)
+    cand_slots = (i1.unsqueeze(-1) * n + i2.unsqueeze(-2)).flatten(-2)   # (M, H, k*k)
+    scores, pos = _topk_lowest_index_first(cand, k)
+    return scores, cand_slots.gather(-1, pos)
+
+
+class ProductKeyMemory(nn.Module):
+    """Memory+ FFN replacement. The values table is passed in at call time (one table, shared by all
+    memory layers, owned by the model), so this module holds only keys and projections."""
+
+    def __init__(self, dim: int, config: MemoryConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.query = nn.Linear(dim, c.heads * c.k_dim, bias=True)
+        self.query_norm = nn.BatchNorm1d(c.heads * c.k_dim) if c.query_batchnorm else None
+        self.sub_keys = nn.Parameter(torch.empty(c.heads, 2, c.num_sub_keys, c.k_dim // 2))
+        self.gate = nn.Linear(dim, c.value_dim, bias=False) if c.swilu else None
+        self.out = nn.Linear(c.value_dim, dim, bias=False)
+
+    def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (M, dim) -> (weights (M, H, k) fp32 softmax, slots (M, H, k))."""
+        c = self.config
+        q = self.query(x)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+        q = q.view(-1, c.heads, c.k_dim)
+        keys = self.sub_keys
+        if c.qk_norm:
+            half = c.k_dim // 2
+            q = torch.cat([_rms(q[..., :half]), _rms(q[..., half:])], dim=-1)
+            keys = _rms(keys)
+        dtype = torch.promote_types(q.dtype, torch.float32)   # score and softmax in >= fp32
+        scores, slots = product_key_topk(q.to(dtype), keys.to(dtype), c.k)
+        return torch.softmax(scores, dim=-1), slots
+
+    def forward(self, x: Tensor, values: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: (B, T, dim). Returns the layer output (B, T, dim) and the slots read, (B, T, heads*k),
+        with -1 at padded positions (which read nothing and contribute no gradient)."""
+        c = self.config
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        if padding_mask is not None:
+            real = padding_mask.reshape(-1)
+            flat = flat[real]
+        weights, slots = self.lookup(flat)
+        read = F.embedding_bag(slots.reshape(flat.shape[0], -1), values,
+                               per_sample_weights=weights.reshape(flat.shape[0], -1).to(values.dtype),
+                               mode="sum", sparse=c.sparse_grad)        # sum over heads and k
+        read = read.to(x.dtype)
+        if self.gate is not None:
+            read = read * F.silu(self.gate(flat))
+        out_real = self.out(read)
+        if padding_mask is None:
+            return out_real.view(batch, seq, dim), slots.view(batch, seq, -1)
+        out = out_real.new_zeros(batch * seq, dim)
+        out[real] = out_real
+        indices = slots.new_full((batch * seq, c.heads * c.k), -1)
+        indices[real] = slots.reshape(flat.shape[0], -1)
+        return out.view(batch, seq, dim), indices.view(batch, seq, -1)

@@ -1,0 +1,167 @@
+"""Llama-style decoder (RMSNorm, RoPE, SwiGLU, SDPA) with product-key memory layers.
+
+The model is plain nn.Modules: it knows nothing of FSDP, DeepSpeed or TF-IDF. It owns the one values
+table (`memory_values`) and passes it to every memory layer at call time.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.memory import ProductKeyMemory
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor
+    """(B, T, vocab) next-token logits."""
+    memory_indices: list[Tensor]
+    """One LongTensor (B, T, heads*k) per memory layer; -1 at padded positions."""
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, T, D); rotates interleaved pairs."""
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return rotated.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.dim // config.n_heads
+        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None) -> Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.wqkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.wo(y.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, *, use_memory: bool) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.memory = ProductKeyMemory(config.dim, config.memory) if use_memory else None
+        self.feed_forward = None if use_memory else FeedForward(config.dim, config.ffn_hidden)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
+                values: Tensor | None, padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        h = h + self.attention(self.attention_norm(h), cos, sin, attn_mask)
+        if self.memory is None:
+            return h + self.feed_forward(self.ffn_norm(h)), None
+        out, indices = self.memory(self.ffn_norm(h), values, padding_mask)
+        return h + out, indices
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        memory_layers = set(config.memory_layers)
+        self.layers = nn.ModuleList(Block(config, use_memory=i in memory_layers) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if memory_layers:
+            m = config.memory
+            self.memory_values = nn.Parameter(torch.empty(m.num_slots, m.value_dim))
+        else:
+            self.memory_values = None
+
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> ModelOutput:
+        batch, seq = tokens.shape
+        if seq > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.config.max_seq_len}")
+        cos, sin = rope_tables(seq, self.config.dim // self.config.n_heads, self.config.rope_theta, tokens.device)
+        attn_mask = None
+        if padding_mask is not None:
+            padding_mask = padding_mask.bool()
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
+            # Padded keys are invisible; every query sees itself so fully padded rows stay finite.
+            attn_mask = (causal & padding_mask[:, None, None, :]) | torch.eye(seq, dtype=torch.bool,
+                                                                              device=tokens.device)
+        h = self.tok_embeddings(tokens)
+        indices: list[Tensor] = []
+        for layer in self.layers:
+            h, idx = layer(h, cos, sin, attn_mask, self.memory_values, padding_mask)
+            if idx is not None:
+                indices.append(idx)
+        return ModelOutput(logits=self.output(self.norm(h)).float(), memory_indices=indices)
+
+    # ---- initialisation -------------------------------------------------------------------------
+    def init_tensor_(self, name: str, tensor: Tensor, generator: torch.Generator) -> None:
+        """Fill `tensor` (full shape of parameter `name`) with its initial value. The single source of
+        init rules; strategies that shard parameters call it on full tensors and keep their shard."""
+        if name.endswith("norm.weight") or name.endswith("query_norm.weight"):
+            tensor.fill_(1.0)
+        elif name.endswith(".bias"):
+            tensor.zero_()
+        elif name == "memory_values":
+            m = self.config.memory
+            std = m.value_init_std if m.value_init_std is not None else m.value_dim ** -0.5
+            tensor.normal_(0.0, std, generator=generator)
+        elif name.endswith("sub_keys"):
+            tensor.normal_(0.0, (self.config.memory.k_dim // 2) ** -0.5, generator=generator)
+        else:
+            tensor.normal_(0.0, self.config.init_std, generator=generator)
+
+    @staticmethod
+    def param_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+        """A per-parameter generator: init does not depend on parameter order or sharding."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return gen
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialise every parameter and buffer in place (after `to_empty` for meta-built models)."""
+        for name, param in self.named_parameters():
+            gen = self.param_generator(seed, name, param.device)
+            self.init_tensor_(name, param.data, gen)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.reset_running_stats()
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: memory values, other memory-layer params, and the dense rest."""
+        values = self.memory_values.numel() if self.memory_values is not None else 0
+        memory_other = sum(p.numel() for layer in self.layers if layer.memory is not None
+                           for p in layer.memory.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "memory_values": values, "memory_other": memory_other,
+                "dense": total - values - memory_other}
