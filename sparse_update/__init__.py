@@ -1,0 +1,33 @@
+"""Sparse memory finetuning (Lin et al., 2025): TF-IDF row selection and masked, row-synced updates.
+
+    from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs
+    finetuner = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=500), model.memory_values)
+"""
+
+from .args import SparseMemoryFinetuningArgs
+from .background import BackgroundTracker, load_background_file, save_background_file
+from .finetuner import SparseMemoryFinetuner
+from .tfidf import (
+    count_slot_accesses,
+    inverse_document_frequency,
+    score_slots,
+    select_all_accessed,
+    select_top_t,
+    tfidf_scores,
+    top_k_positions,
+)
+
+__all__ = [
+    "BackgroundTracker",
+    "SparseMemoryFinetuner",
+    "SparseMemoryFinetuningArgs",
+    "count_slot_accesses",
+    "inverse_document_frequency",
+    "load_background_file",
+    "save_background_file",
+    "score_slots",
+    "select_all_accessed",
+    "select_top_t",
+    "tfidf_scores",
+    "top_k_positions",
+]

@@ -1,0 +1,61 @@
+"""Configuration of sparse memory finetuning (one dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+MODES = ("top_t", "all_accessed")
+
+
+@dataclass
+class SparseMemoryFinetuningArgs:
+    """Which memory-value rows are trainable each step, and how their gradients are handled."""
+
+    enabled: bool = False
+    """Mask and sync the values gradient; False makes the finetuner inert (no hooks, no collectives)."""
+    top_t: int = 500
+    """Number of value rows trainable per step in mode "top_t" (paper: 500 for facts, 10,000 for documents)."""
+    use_idf: bool = True
+    """Rank by TF-IDF against the background statistics; False ranks by the batch counts c(i) alone (TF-only)."""
+    mode: str = "top_t"
+    """"top_t": train the top_t rows by score; "all_accessed": train every row the global batch accessed."""
+    dense_output: bool = False
+    """Hand the optimizer a dense values gradient (needed for AdamW, which rejects sparse gradients)."""
+    mask_in_backward: bool = True
+    """Mask the gradient during backward (tensor hook); False masks only at optimizer.step (needs attach())."""
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "use_idf", "dense_output", "mask_in_backward"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"sparse_update.{name} must be true or false, got {value!r} ({type(value).__name__})"
+                )
+        if isinstance(self.top_t, bool) or not isinstance(self.top_t, int):
+            raise ValueError(
+                f"sparse_update.top_t must be a positive integer, got {self.top_t!r} ({type(self.top_t).__name__})"
+            )
+        if self.top_t <= 0:
+            raise ValueError(
+                f"sparse_update.top_t must be > 0, got {self.top_t}; the paper uses 500 (facts) or 10000 (documents)"
+            )
+        if self.mode not in MODES:
+            raise ValueError(
+                f"sparse_update.mode must be one of {', '.join(repr(m) for m in MODES)}, got {self.mode!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (for checkpoints and logging)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "SparseMemoryFinetuningArgs":
+        """Build from a dict, rejecting unknown keys with the list of valid ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown sparse_update option(s) {unknown}; valid options are {sorted(known)}"
+            )
+        return cls(**dict(values))
