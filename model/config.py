@@ -52,7 +52,7 @@ class MemoryConfig:
 class ModelConfig:
     """Llama-style decoder with product-key memory layers replacing some FFNs."""
 
-    vocab_size: int = 8000
+    vocab_size: int = 8192
     """Vocabulary size; must equal the tokenizer's."""
     dim: int = 256
     """Residual stream width."""
@@ -93,7 +93,7 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU demo: ~22M params, N = 256^2.
-    "tiny": dict(vocab_size=8000, dim=256, n_layers=6, n_heads=4, ffn_hidden=768, max_seq_len=512,
+    "tiny": dict(vocab_size=8192, dim=256, n_layers=6, n_heads=4, ffn_hidden=768, max_seq_len=512,
                  memory_layers=(3,),
                  memory=dict(num_slots=256 ** 2, heads=4, k=32, k_dim=128, value_dim=256)),
     # ~100M dense params (tied embeddings), N = 512^2.
