@@ -1,0 +1,56 @@
+"""One-process recipes/train.py: --help, and bad input failing in one line with a non-zero exit."""
+from __future__ import annotations
+
+import pytest
+
+from tests.launch import SMALL, train
+from training.config import resolve_config
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "warn" not in l]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_help_lists_stages_and_sections():
+    proc = train("--help", nproc=1)
+    assert "pretrain | background | finetune" in proc.stdout
+    for section in ("[model]", "[data]", "[optim]", "[sparse]", "[lora]", "[checkpoint]", "[eval]"):
+        assert section in proc.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--bogus=1"], "unknown config key 'bogus'"),
+    (["--optim.lr=fast"], "optim.lr"),
+    (["--optim.lr=0"], "optim.lr"),
+    (["--stage=finetune", "--method=sparse", "--optim.momentum=0.9", "--init_from=x"], "optim.momentum"),
+    (["--sparse.top_t=0"], "sparse.top_t"),
+])
+def test_bad_config_fails_in_one_line(tmp_path, args, needle):
+    proc = train("--config", "recipes/configs/tiny_pretrain.yaml", f"--output_dir={tmp_path / 'r'}", *args,
+                 nproc=1, check=False)
+    assert needle in one_line_error(proc)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_checkpoint_fails_in_one_line(tmp_path):
+    proc = train("--config", "recipes/configs/tiny_fact_learning.yaml", f"--output_dir={tmp_path / 'r'}",
+                 f"--init_from={tmp_path / 'nothing'}", *SMALL, nproc=1, check=False)
+    assert "no complete checkpoint" in one_line_error(proc)
+
+
+@pytest.mark.parametrize("name", ["tiny_pretrain", "tiny_background", "tiny_fact_learning", "tiny_document_learning",
+                                  "paper_1.3b_pretrain", "paper_1.3b_background", "paper_1.3b_fact_learning",
+                                  "paper_1.3b_document_learning"])
+def test_shipped_configs_resolve(name):
+    cfg = resolve_config(f"recipes/configs/{name}.yaml", {"init_from": "x"})
+    if "fact" in name:
+        assert cfg.stage == "finetune" and cfg.method == "sparse" and cfg.data.seq_len == 64
+        assert cfg.sparse.top_t == 500 and cfg.optim.lr == 2.0
+    if "document" in name:
+        assert cfg.sparse.top_t == 10000
+    if name.startswith("paper"):
+        assert cfg.model.preset == "paper-1.3b"

@@ -1,0 +1,352 @@
+"""The job config: one dataclass per section, resolved defaults -> YAML -> `--section.key=value` in one place.
+
+Every field has a one-line doc (the string below it); `describe()` prints them for `--help`.
+Validation raises ValueError with a message naming the key and what to do.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model import make_config
+from model.config import update_dataclass
+
+STAGES = ("pretrain", "background", "finetune")
+METHODS = ("sparse", "tf_only", "memory_all", "full", "lora")
+STRATEGIES = ("fsdp2", "zero1", "zero2", "zero3")
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    """Model preset (tiny, small, paper-1.3b, memplus-1.3b)."""
+    overrides: dict = field(default_factory=dict)
+    """Any ModelConfig field, e.g. {memory: {query_batchnorm: true}} or {'memory.heads': 8}."""
+
+
+@dataclass
+class DataSection:
+    tokenizer: str = "data_pipeline/tokenizers/tiny_bpe.model"
+    """SentencePiece model (path, or pkg:PACKAGE/REL/PATH for a file inside an installed package)."""
+    text: list = field(default_factory=lambda: ["data_pipeline/samples/prose_sample.jsonl.zst"])
+    """Text sources (jsonl / jsonl.zst with a `text` key) for pretraining and background."""
+    facts: str = "data_pipeline/samples/triviaqa_validation_sample.jsonl"
+    """TriviaQA source the fact streams draw from (any format load_source('triviaqa') reads)."""
+    num_known_facts: int = 0
+    """Facts [0, num_known_facts) of `facts` are 'known': mixed into pretraining, measured for retention."""
+    num_new_facts: int = 16
+    """Facts [fact_offset, fact_offset+num_new_facts) are learned in the finetune stage."""
+    fact_offset: int = 1000
+    """First index of the new facts in `facts` (disjoint from the known ones)."""
+    num_background_facts: int = 200
+    """Statements of other facts (after the new ones) mixed into the background stream (DESIGN.md 8)."""
+    fact_ratio: float = 0.5
+    """Share of rows in a pretrain/background batch that are fact statements (when facts are mixed)."""
+    seq_len: int = 64
+    """Sequence length (tokens per row)."""
+    batch_size: int = 16
+    """Global rows per LM step (pretrain/background), split across ranks."""
+    num_paraphrases: int = 64
+    """P: rows per finetune step (paraphrases of one fact / augmentations of one chunk), split across ranks."""
+    paraphrase_file: str = ""
+    """Optional jsonl {id, paraphrases: [...]} that replaces the templates for those facts."""
+    documents: str = ""
+    """Document learning: jsonl {id, text, questions} file; empty = fact learning."""
+    passes: int = 1
+    """Passes over the fact/document stream in the finetune stage."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    """Learning rate (SGD for sparse/tf_only/memory_all, AdamW otherwise)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (must be 0 with SGD methods: it would move masked rows)."""
+    momentum: float = 0.0
+    """SGD momentum (must be 0 with the sparse methods: it would move masked rows)."""
+    betas: tuple = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    schedule: str = "constant"
+    """constant | cosine (decay to 10% over max_steps)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 = off."""
+
+
+@dataclass
+class SparseSection:
+    top_t: int = 500
+    """t: value rows trained per step (sparse, tf_only)."""
+    background_batches: int = 1000
+    """Background batches B recorded by the background stage."""
+    consistency_interval: int = 0
+    """Every N steps verify the replicated values table is bit-identical on all ranks (0 = at the end only)."""
+    background_file: str = ""
+    """Optional background statistics file (save_background_indices format) overriding init_from's."""
+
+
+@dataclass
+class LoraSection:
+    rank: int = 32
+    """LoRA rank r."""
+    alpha: float = 64.0
+    """LoRA alpha (scale = alpha / rank)."""
+
+
+@dataclass
+class CheckpointSection:
+    interval: int = 0
+    """Save every N steps (0 = only at the end)."""
+    keep_latest: int = 2
+    """Checkpoints kept in the run directory."""
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 1
+    """Log every N steps (console line, TensorBoard, metrics.jsonl)."""
+    progress: bool = True
+    """Show a tqdm bar on rank 0."""
+
+
+@dataclass
+class EvalSection:
+    sets: list = field(default_factory=lambda: ["new_facts", "known_facts", "heldout_text"])
+    """Sets evaluated by finetune: new_facts, known_facts, heldout_text, nq, hellaswag, gsm8k, simpleqa."""
+    interval: int = 0
+    """Evaluate every N finetune steps (0 = only before and after)."""
+    max_items: int = 64
+    """Items per evaluation set."""
+    batch_size: int = 16
+    """Evaluation batch size per rank."""
+    max_new_tokens: int = 16
+    """Greedy generation length for QA."""
+    nq: str = "data/nq_open/validation.jsonl"
+    """NQ-open jsonl."""
+    hellaswag: str = "data/hellaswag/validation.jsonl"
+    """HellaSwag jsonl."""
+    gsm8k: str = "data/gsm8k/test.jsonl"
+    """GSM8K jsonl."""
+    heldout_text: str = ""
+    """Held-out text source; empty = windows of data.text that pretraining never saw (the tail)."""
+
+
+@dataclass
+class JobConfig:
+    stage: str = "pretrain"
+    """pretrain | background | finetune."""
+    method: str = "sparse"
+    """Finetune method: sparse (TF-IDF, SGD) | tf_only | memory_all | full (AdamW) | lora."""
+    strategy: str = "fsdp2"
+    """fsdp2 | zero1 | zero2 | zero3."""
+    device: str = "auto"
+    """auto | cpu | cuda (auto = cuda when available)."""
+    output_dir: str = "runs/default"
+    """The run directory."""
+    max_steps: int = 0
+    """Cap on the steps of this stage (0 = the stage's natural length; pretrain needs it)."""
+    init_from: str = ""
+    """A checkpoint or run directory to start from (model; and background statistics if present)."""
+    seed: int = 0
+    """Seed for init and data order."""
+    deepspeed_config: str = ""
+    """DeepSpeed JSON for zero* strategies (default recipes/configs/deepspeed/zero{N}.json)."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    sparse: SparseSection = field(default_factory=SparseSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    # ---- derived -------------------------------------------------------------------------------
+    def model_config(self):
+        return make_config(self.model.preset, **self.model.overrides)
+
+    @property
+    def uses_sgd(self) -> bool:
+        return self.stage == "finetune" and self.method in ("sparse", "tf_only", "memory_all")
+
+    def validate(self) -> None:
+        def bad(key: str, msg: str) -> ValueError:
+            return ValueError(f"config key '{key}': {msg}")
+        if self.stage not in STAGES:
+            raise bad("stage", f"'{self.stage}' is not one of {', '.join(STAGES)}")
+        if self.method not in METHODS:
+            raise bad("method", f"'{self.method}' is not one of {', '.join(METHODS)}")
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"'{self.strategy}' is not one of {', '.join(STRATEGIES)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise bad("device", f"'{self.device}' is not one of auto, cpu, cuda")
+        if self.optim.lr <= 0:
+            raise bad("optim.lr", f"must be > 0, got {self.optim.lr}")
+        if self.max_steps < 0:
+            raise bad("max_steps", "must be >= 0")
+        if self.stage == "pretrain" and self.max_steps == 0:
+            raise bad("max_steps", "the pretrain stage needs --max_steps=N")
+        if self.stage in ("background", "finetune") and not self.init_from:
+            raise bad("init_from", f"the {self.stage} stage needs --init_from=RUN_OR_CHECKPOINT_DIR")
+        num_slots = self.model_config().memory.num_slots
+        if not 0 < self.sparse.top_t <= num_slots:
+            raise bad("sparse.top_t", f"must be in [1, N={num_slots}], got {self.sparse.top_t}")
+        if self.uses_sgd and (self.optim.momentum != 0 or self.optim.weight_decay != 0):
+            raise bad("optim.momentum" if self.optim.momentum else "optim.weight_decay",
+                      f"must be 0 with method '{self.method}' (plain SGD): it would move masked rows")
+        if self.optim.schedule not in ("constant", "cosine"):
+            raise bad("optim.schedule", "must be constant or cosine")
+        for key in ("seq_len", "batch_size", "num_paraphrases", "passes"):
+            if getattr(self.data, key) < 1:
+                raise bad(f"data.{key}", "must be >= 1")
+        if self.sparse.background_batches < 1:
+            raise bad("sparse.background_batches", "must be >= 1")
+        if self.lora.rank < 1:
+            raise bad("lora.rank", "must be >= 1")
+        if self.checkpoint.keep_latest < 1:
+            raise bad("checkpoint.keep_latest", "must be >= 1")
+        if self.data.seq_len > self.model_config().max_seq_len:
+            raise bad("data.seq_len", f"exceeds model max_seq_len={self.model_config().max_seq_len}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that defines the run's results (not where it logs or how long it runs)."""
+        d = self.to_dict()
+        for key in ("output_dir", "max_steps", "logging", "checkpoint"):
+            d.pop(key, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _parse_cli_value(value: Any) -> Any:
+    """fire passes typed values already; strings that look like literals become them."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
+
+
+def _nest(flat: dict[str, Any], *, source: str) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config key '{key}' ({source}) conflicts with a scalar value")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply(config: JobConfig, updates: dict[str, Any]) -> JobConfig:
+    # model.overrides is free-form (validated by the model config); everything else is typed.
+    model = updates.pop("model", None)
+    if model is not None:
+        if not isinstance(model, dict):
+            raise ValueError(f"config key 'model' must be a mapping, got {model!r}")
+        model = dict(model)
+        preset = model.pop("preset", config.model.preset)
+        extra = model.pop("overrides", {})
+        config = dataclasses.replace(config, model=ModelSection(
+            preset=preset, overrides=_merge(_merge(config.model.overrides, extra), model)))
+    config = update_dataclass(config, _coerce_lists(config, updates), prefix="")
+    return config
+
+
+def _coerce_lists(config: Any, updates: dict) -> dict:
+    out = {}
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for key, value in updates.items():
+        f = fields.get(key)
+        if f is not None and dataclasses.is_dataclass(getattr(config, key)) and isinstance(value, dict):
+            value = _coerce_lists(getattr(config, key), value)
+        elif f is not None and str(f.type) == "list":
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            elif isinstance(value, tuple):
+                value = list(value)
+            if not isinstance(value, list):
+                raise ValueError(f"config key '{key}' must be a list, got {value!r}")
+        elif f is not None and str(f.type) == "dict" and not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' must be a mapping, got {value!r}")
+        out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of config keys")
+    base = data.pop("base", None)   # configs may extend another config file, relative to themselves
+    if base:
+        data = _merge(load_yaml(path.parent / base), data)
+    return data
+
+
+def resolve_config(config_path: str | None, cli: dict[str, Any]) -> JobConfig:
+    """defaults -> YAML (with `base:` inheritance) -> CLI `--section.key=value` overrides -> validate."""
+    config = JobConfig()
+    if config_path:
+        config = _apply(config, load_yaml(config_path))
+    cli = {key.replace("-", "_") if "." not in key else key: _parse_cli_value(v) for key, v in cli.items()}
+    config = _apply(config, _nest(cli, source="command line"))
+    config.validate()
+    return config
+
+
+def describe() -> str:
+    """Every section and key with its one-line doc, for --help."""
+    import inspect
+
+    lines = []
+
+    def docs(cls: type) -> dict[str, str]:
+        src = inspect.getsource(cls).splitlines()
+        out = {}
+        for i, line in enumerate(src):
+            stripped = line.strip()
+            if ":" in stripped and not stripped.startswith(("\"", "#", "def", "class", "@")) and i + 1 < len(src):
+                doc = src[i + 1].strip()
+                if doc.startswith('"""'):
+                    out[stripped.split(":")[0]] = doc.strip('"')
+        return out
+
+    def walk(obj: Any, prefix: str) -> None:
+        d = docs(type(obj))
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                lines.append(f"  [{prefix}{f.name}]")
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"    --{prefix}{f.name}={value!r}  {d.get(f.name, '')}")
+
+    walk(JobConfig(), "")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""One seam for every parallelism strategy; the training loop never branches on which one runs.
+
+A strategy shards everything except the memory values table, which stays a replicated plain tensor
+trained by its own optimizer with the sparse_update hook (see training/step.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Strategy(Protocol):
+    module: nn.Module
+    """What the loop calls for the forward pass."""
+
+    def materialize(self, init_fn: Any, seed: int) -> None:
+        """Allocate the meta-built model on this rank (shards only) and initialise it deterministically."""
+
+    def setup_optimizer(self, params: list[nn.Parameter], factory: Any) -> None:
+        """Create the optimizer of the sharded/engine-managed trainable parameters (may be empty)."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def grad_norm_sq(self) -> float:
+        """Squared global norm of the managed parameters' gradients."""
+
+    def step(self, *, clip_coef: float, lr: float) -> None:
+        """Scale gradients by clip_coef (<= 1), set the lr, step the managed optimizer, zero grads."""
+
+    def model_state(self) -> dict[str, Any]: ...
+    def save(self, path: str, *, extra: dict[str, Any]) -> None: ...
+    def load(self, path: str, *, model_only: bool) -> dict[str, Any]: ...
+
+
+def build_strategy(name: str, model: nn.Module, *, values: nn.Parameter | None, dist_info, config) -> Strategy:
+    if name == "fsdp2":
+        from training.parallel.fsdp2 import FSDP2Strategy
+        return FSDP2Strategy(model, values=values, dist_info=dist_info)
+    if name in ("zero1", "zero2", "zero3"):
+        from training.parallel.zero import ZeroStrategy
+        return ZeroStrategy(model, values=values, dist_info=dist_info, stage=int(name[-1]), config=config)
+    raise ValueError(f"config key 'strategy': unknown strategy '{name}'")

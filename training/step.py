@@ -1,0 +1,125 @@
+"""Which parameters train, with which optimizer and which sparse_update mode — and the step itself.
+
+Data path of one step: batch -> forward (logits + memory indices) -> counts all-reduced -> TF-IDF ->
+top-t -> backward -> optimizer pre-hook (mask + row sync) -> step.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipeline import IGNORE_INDEX
+from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a (stage, method) trains."""
+    train_dense: bool        # every non-values parameter
+    train_lora: bool         # only LoRA parameters among the non-values ones
+    train_values: bool
+    values_sgd: bool         # values by plain SGD (sparse grads) vs AdamW (dense grads)
+    sparse_args: SparseMemoryFinetuningArgs
+
+
+def make_plan(config) -> Plan:
+    stage, method = config.stage, config.method
+    if stage == "background":
+        return Plan(False, False, False, False, SparseMemoryFinetuningArgs(enabled=False))
+    if stage == "pretrain" or method == "full":
+        # every accessed row is trained by AdamW; sync the union of accessed rows, hand AdamW a dense grad
+        args = SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed", dense_output=True)
+        return Plan(True, False, True, False, args)
+    if method == "lora":
+        return Plan(False, True, False, False, SparseMemoryFinetuningArgs(enabled=False))
+    if method == "memory_all":
+        return Plan(False, False, True, True, SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed"))
+    return Plan(False, False, True, True, SparseMemoryFinetuningArgs(
+        enabled=True, top_t=config.sparse.top_t, use_idf=(method == "sparse")))
+
+
+def set_trainable(model: nn.Module, plan: Plan, lora_names: set[str]) -> None:
+    """Set requires_grad per plan (before sharding: FSDP2 keeps the flags)."""
+    values = getattr(model, "memory_values", None)
+    for name, p in model.named_parameters():
+        if p is values:
+            p.requires_grad_(plan.train_values)
+        else:
+            p.requires_grad_(plan.train_dense or (plan.train_lora and name in lora_names))
+
+
+def optimizer_factory(config, *, sgd: bool):
+    o = config.optim
+    if sgd:
+        return lambda params: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    wd = o.weight_decay if config.stage == "pretrain" or config.method != "full" else (o.weight_decay or 0.1)
+    return lambda params: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=wd,
+                                            foreach=False)
+
+
+def lr_at(config, step: int, total: int) -> float:
+    o = config.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "cosine" and total > o.warmup_steps:
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return o.lr
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class Stepper:
+    """Runs one optimisation step; the loop calls `step(batch, step_index)` and logs what it returns."""
+
+    def __init__(self, *, config, strategy, finetuner: SparseMemoryFinetuner | None,
+                 values: nn.Parameter | None, values_optimizer: torch.optim.Optimizer | None,
+                 device: torch.device, total_steps: int) -> None:
+        self.config, self.strategy, self.finetuner = config, strategy, finetuner
+        self.values, self.values_optimizer = values, values_optimizer
+        self.device, self.total_steps = device, total_steps
+
+    def step(self, batch, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tokens = batch.tokens.to(self.device)
+        mask = batch.padding_mask.to(self.device)
+        labels = batch.labels.to(self.device)
+        out = self.strategy.module(tokens, padding_mask=mask)
+        stats: dict[str, Any] = {}
+        if self.finetuner is not None and self.finetuner.args.enabled:
+            stats = self.finetuner.update_trainable_indices(out.memory_indices)
+        loss = lm_loss(out.logits, labels)
+        self.strategy.backward(loss)
+        lr = lr_at(self.config, step, self.total_steps)
+        # Values: mask + row-sync now, so the norm below is the same on every rank.
+        values_sq = 0.0
+        if self.values_optimizer is not None and self.values.grad is not None:
+            self.finetuner.sync_gradients()
+            g = self.values.grad
+            values_sq = float((g.coalesce().values() if g.is_sparse else g).double().pow(2).sum())
+        grad_norm = math.sqrt(self.strategy.grad_norm_sq() + values_sq)
+        clip = self.config.optim.grad_clip
+        coef = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
+        self.strategy.step(clip_coef=coef, lr=lr)
+        if self.values_optimizer is not None:
+            if coef < 1.0 and self.values.grad is not None:
+                self.values.grad.mul_(coef)
+            for group in self.values_optimizer.param_groups:
+                group["lr"] = lr
+            self.values_optimizer.step()
+            self.values_optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        num_tokens = int(mask.sum())
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
+                   "train/step_time_s": elapsed, "train/tokens_per_s": num_tokens * world / max(elapsed, 1e-9)}
+        metrics.update({f"sparse_update/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        return metrics

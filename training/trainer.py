@@ -1,0 +1,305 @@
+"""One stage of a run: set-up, checkpoint restore, the loop, evaluation, summary.
+
+`recipes/train.py` calls `run(config)`; this module reads top to bottom in the order of DESIGN.md 7.2:
+init distributed -> build on meta -> parallelize -> init weights -> optimizer + hooks -> load
+checkpoint -> loop -> close.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from evaluation import build_summary, evaluate_sets, write_summary
+from model import build_model
+from sparse_update import SparseMemoryFinetuner
+from training import checkpoint as C
+from training import distributed as D
+from training.data import eval_sets, finetune_stream, load_facts, load_tokenizer, lm_stream, shard_rows
+from training.lora import apply_lora, init_lora_tensor_
+from training.metrics import MetricsLogger, memory_scalars
+from training.parallel import build_strategy
+from training.replicas import ReplicaDivergence, check_replicas
+from training.step import Stepper, make_plan, optimizer_factory, set_trainable
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM (preemption) -> checkpoint at the next step boundary and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        return D.all_reduce_max(1.0 if self.requested else 0.0) > 0
+
+
+def prepare_run_dir(config, dist_info) -> Path:
+    """Create the run dir; refuse one that holds a run of a different config (never overwrite it)."""
+    run_dir = Path(config.output_dir)
+    resolved = run_dir / "config.yaml"
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resolved.is_file():
+            try:
+                old = yaml.safe_load(resolved.read_text()) or {}
+            except yaml.YAMLError:
+                old = {}
+            if old.get("fingerprint") not in (None, config.fingerprint()):
+                raise ValueError(f"output_dir {run_dir} holds a run with a different config (see {resolved}); "
+                                 "use a new --output_dir or delete that run")
+        resolved.write_text(yaml.safe_dump({"fingerprint": config.fingerprint(), **config.to_dict()},
+                                           sort_keys=False))
+        (run_dir / "PREEMPTED").unlink(missing_ok=True)
+    D.barrier()
+    return run_dir
+
+
+def run(config) -> dict[str, Any]:
+    dist_info = D.init_distributed(config.device)
+    torch.manual_seed(config.seed)
+    stop = StopRequest()
+    t_start = time.time()
+    run_dir = prepare_run_dir(config, dist_info)
+    log = MetricsLogger(run_dir, enabled=dist_info.is_main)
+    try:
+        return _run(config, dist_info, run_dir, log, stop, t_start)
+    finally:
+        log.close()
+
+
+def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest, t_start: float) -> dict:
+    # ---- build on meta, choose what trains, parallelize, materialise -------------------------------
+    model = build_model(config.model_config(), device="meta")
+    lora_names = set(apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha)) \
+        if config.stage == "finetune" and config.method == "lora" else set()
+    plan = make_plan(config)
+    set_trainable(model, plan, lora_names)
+    strategy = build_strategy(config.strategy, model, values=model.memory_values, dist_info=dist_info,
+                              config=config)
+
+    def init_fn(name: str, tensor: torch.Tensor, gen: torch.Generator) -> None:
+        if not init_lora_tensor_(name, tensor, gen):
+            model.init_tensor_(name, tensor, gen)
+    strategy.materialize(init_fn, config.seed)
+    values = strategy.values          # materialising replaces parameter objects: take them afterwards
+    trainable = [p for p in strategy.module.parameters() if p.requires_grad and p is not values]
+
+    # ---- data ---------------------------------------------------------------------------------------
+    tokenizer = load_tokenizer(config, model.config.vocab_size)
+    facts = load_facts(config)
+    if config.stage == "finetune":
+        stream = finetune_stream(config, tokenizer, facts)
+    else:
+        mixed = facts.known if config.stage == "pretrain" else facts.background
+        stream = lm_stream(config, tokenizer, mixed, rank=dist_info.rank, world_size=dist_info.world_size)
+
+    # ---- optimizers + sparse_update hooks --------------------------------------------------------------
+    finetuner = SparseMemoryFinetuner(plan.sparse_args, values) if values is not None else None
+    values_opt = None
+    if plan.train_values and values is not None:
+        values_opt = optimizer_factory(config, sgd=plan.values_sgd)([values])
+        finetuner.attach(values_opt)
+    strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=False))
+
+    # ---- restore: resume this run, or start from another stage's checkpoint ----------------------------
+    step = 0
+    resume = C.list_checkpoints(run_dir)
+    if resume:
+        ckpt = resume[-1]
+        state = C.read_trainer_state(ckpt)
+        if state.get("world_size") != dist_info.world_size:
+            raise ValueError(f"checkpoint {ckpt} was written by {state.get('world_size')} ranks, this run has "
+                             f"{dist_info.world_size}; resume with the same number of processes")
+        strategy.load(str(ckpt / "sharded"), model_only=False)
+        if values is not None:
+            C.load_values(ckpt, values, values_opt)
+        sparse_state = C.load_sparse_state(ckpt)
+        if sparse_state is not None and finetuner is not None:
+            finetuner.load_state_dict(sparse_state)
+        stream.load_state_dict(state["ranks"][dist_info.rank]["stream"])
+        step = int(state["step"])
+        _print(dist_info, f"resumed from {ckpt} at step {step}")
+    elif config.init_from:
+        ckpt = C.resolve_checkpoint(config.init_from)
+        strategy.load(str(ckpt / "sharded"), model_only=True, allow_missing=lambda k: k in lora_names)
+        if values is not None:
+            C.load_values(ckpt, values, None)
+        sparse_state = C.load_sparse_state(ckpt)
+        if sparse_state is not None and finetuner is not None and config.stage == "finetune":
+            # a new stage keeps the base's background statistics, not its selection
+            df = sparse_state["document_frequency"]
+            if df.numel() != values.shape[0]:
+                raise ValueError(f"checkpoint {ckpt} holds background statistics for N={df.numel()}, this "
+                                 f"model has N={values.shape[0]}; re-run the background stage for this model")
+            finetuner.background_tracker.set_statistics(df.to(values.device), int(sparse_state["num_batches"]))
+        _print(dist_info, f"initialised from {ckpt}")
+    if config.sparse.background_file and finetuner is not None and not resume:
+        finetuner.load_background_indices(config.sparse.background_file)
+    if (config.stage == "finetune" and plan.sparse_args.enabled and plan.sparse_args.use_idf
+            and plan.sparse_args.mode == "top_t" and finetuner.background_tracker.num_batches == 0):
+        raise ValueError(f"init_from={config.init_from} has no background statistics; run the background stage "
+                         "and finetune from its run directory (or use --method=tf_only)")
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    if config.stage == "background":
+        return _background(config, dist_info, run_dir, log, stop, model, strategy, finetuner, stream,
+                           values, step, t_start)
+    total = _total_steps(config, stream)
+    stepper = Stepper(config=config, strategy=strategy, finetuner=finetuner, values=values,
+                      values_optimizer=values_opt, device=dist_info.device, total_steps=total)
+    sets = eval_sets(config, facts, stream) if config.stage == "finetune" else {}
+    before = _load_before(run_dir) if step > 0 else None
+    if config.stage == "finetune" and before is None:
+        before = _evaluate(config, strategy, tokenizer, sets, dist_info, log, 0, "before")
+        if dist_info.is_main:
+            (run_dir / "eval_before.json").write_text(json.dumps(before))
+
+    def save(at: int) -> None:
+        C.save_checkpoint(run_dir, at, strategy=strategy, values=values, values_optimizer=values_opt,
+                          sparse_state=finetuner.state_dict() if finetuner is not None else None,
+                          trainer_state={"stage": config.stage, "method": config.method,
+                                         "fingerprint": config.fingerprint()},
+                          rank_state={"stream": stream.state_dict()}, dist_info=dist_info,
+                          keep_latest=config.checkpoint.keep_latest)
+
+    progress = _progress(config, dist_info, total, step)
+    updated = torch.zeros(values.shape[0], dtype=torch.bool) if values is not None else None
+    metrics: dict[str, Any] = {}
+    strategy.module.train()
+    while step < total:
+        batch = next(stream)
+        if config.stage == "finetune":
+            batch = shard_rows(batch, dist_info.rank, dist_info.world_size)
+        metrics = stepper.step(batch, step)
+        if not torch.isfinite(torch.tensor(metrics["train/loss"])):
+            raise FloatingPointError(f"loss is {metrics['train/loss']} at step {step + 1}; stopping. The last good "
+                                     f"checkpoint is kept in {run_dir / 'checkpoints'}; lower optim.lr")
+        step += 1
+        if updated is not None and plan.train_values and finetuner.trainable_indices is not None:
+            updated[finetuner.trainable_indices.cpu()] = True
+        if config.sparse.consistency_interval and step % config.sparse.consistency_interval == 0:
+            check_replicas(values, step=step)
+        if step % config.logging.interval == 0 or step == total:
+            extra = {"fact_id": batch.fact_id} if batch.fact_id is not None else {}
+            log.log(step, {**metrics, **memory_scalars()}, extra=extra)
+        if progress is not None:
+            progress.update(1)
+        if config.stage == "finetune" and config.eval.interval and step % config.eval.interval == 0 and step < total:
+            _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, "during")
+        if config.checkpoint.interval and step % config.checkpoint.interval == 0 and step < total:
+            save(step)
+        if stop.agreed():
+            save(step)
+            if dist_info.is_main:
+                (run_dir / "PREEMPTED").write_text(f"stopped by signal at step {step}\n")
+            _print(dist_info, f"preempted: checkpoint at step {step} written; re-run to resume")
+            D.close()
+            return {"preempted": True, "step": step}
+    if progress is not None:
+        progress.close()
+    check_replicas(values, step=step)
+    save(step)
+    if updated is not None and dist_info.is_main:
+        C.save_tree(run_dir / "updated_rows.safetensors", {"rows": updated.nonzero().flatten()})
+    after = _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, "after") if sets else {}
+    trainable_per_step = _trainable_per_step(config, plan, trainable, values)
+    summary = build_summary(stage=config.stage, method=config.method if config.stage == "finetune" else "-",
+                            steps=step, wall_time_s=time.time() - t_start,
+                            trainable_params_per_step=trainable_per_step, before=before, after=after)
+    summary["final_train_loss"] = metrics.get("train/loss")
+    summary["values_replicas_identical"] = True   # check_replicas above raised otherwise
+    if dist_info.is_main:
+        write_summary(run_dir / "summary.json", summary)
+    log.flush()
+    D.close()
+    return summary
+
+
+def _background(config, dist_info, run_dir, log, stop, model, strategy, finetuner, stream, values, step,
+                t_start) -> dict:
+    num = config.sparse.background_batches
+    if config.max_steps:
+        num = min(num, config.max_steps)
+    tracker = finetuner.background_tracker
+    tracker.start_collection()
+    strategy.module.eval()
+    progress = _progress(config, dist_info, num, 0)
+    with torch.no_grad():
+        for i in range(num):
+            batch = next(stream)
+            out = strategy.module(batch.tokens.to(dist_info.device),
+                                  padding_mask=batch.padding_mask.to(dist_info.device))
+            tracker.add_batch_indices(out.memory_indices)
+            if progress is not None:
+                progress.update(1)
+    tracker.stop_collection()
+    if progress is not None:
+        progress.close()
+    df = tracker.document_frequency.float()
+    diag = {"memory/slots_used_frac": float((df > 0).float().mean()),
+            "memory/df_mean_over_used": float(df[df > 0].mean()) if (df > 0).any() else 0.0}
+    log.log(num, diag, kind="background")
+    C.save_checkpoint(run_dir, num, strategy=strategy, values=values, values_optimizer=None,
+                      sparse_state=finetuner.state_dict(),
+                      trainer_state={"stage": "background", "method": "-", "fingerprint": config.fingerprint()},
+                      rank_state={"stream": stream.state_dict()}, dist_info=dist_info,
+                      keep_latest=config.checkpoint.keep_latest)
+    summary = build_summary(stage="background", method="-", steps=num, wall_time_s=time.time() - t_start,
+                            trainable_params_per_step=0, before=None, after=None)
+    summary["background"] = {"num_batches": tracker.num_batches, **diag}
+    if dist_info.is_main:
+        write_summary(run_dir / "summary.json", summary)
+    D.close()
+    return summary
+
+
+def _total_steps(config, stream) -> int:
+    natural = len(stream) if config.stage == "finetune" else config.max_steps
+    return min(natural, config.max_steps) if config.max_steps else natural
+
+
+def _trainable_per_step(config, plan, trainable, values) -> int:
+    dense = sum(p.numel() for p in trainable)
+    if not plan.train_values or values is None:
+        return dense
+    if plan.sparse_args.mode == "top_t":
+        return dense + config.sparse.top_t * values.shape[1]
+    return dense + values.numel()    # upper bound: every accessed row may move
+
+
+def _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, tag) -> dict:
+    if not sets:
+        return {}
+    results = evaluate_sets(strategy.module, tokenizer, sets, batch_size=config.eval.batch_size,
+                            max_items=config.eval.max_items, device=dist_info.device,
+                            options={n: {"max_new_tokens": config.eval.max_new_tokens}
+                                     for n, (kind, _) in sets.items() if kind == "qa"})
+    log.log(step, {f"eval/{k}": v for k, v in results.items()}, kind="eval", extra={"tag": tag})
+    return results
+
+
+def _load_before(run_dir: Path) -> dict | None:
+    path = run_dir / "eval_before.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _progress(config, dist_info, total: int, initial: int):
+    if not (dist_info.is_main and config.logging.progress):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=config.stage, dynamic_ncols=True, mininterval=2.0)
+
+
+def _print(dist_info, message: str) -> None:
+    if dist_info.is_main:
+        print(message, flush=True)
