@@ -115,12 +115,14 @@ class LoggingSection:
     """Log every N steps (console line, TensorBoard, metrics.jsonl)."""
     progress: bool = True
     """Show a tqdm bar on rank 0."""
+    memory_diagnostics: bool = True
+    """Fact finetunes: log answer-slot coverage, high-DF share and interference (memory/*; one extra forward per step)."""
 
 
 @dataclass
 class EvalSection:
     sets: list = field(default_factory=lambda: ["new_facts", "known_facts", "heldout_text"])
-    """Sets evaluated by finetune: new_facts, known_facts, heldout_text, nq, hellaswag, gsm8k, simpleqa."""
+    """Sets evaluated by finetune: new_facts (SimpleQA questions for documents), known_facts, heldout_text, nq, hellaswag, gsm8k."""
     interval: int = 0
     """Evaluate every N finetune steps (0 = only before and after)."""
     max_items: int = 64

@@ -15,11 +15,14 @@ from typing import Any
 import torch
 import yaml
 
-from evaluation import build_summary, evaluate_sets, write_summary
+from evaluation import build_summary, write_summary
+from evaluation.memory_diagnostics import HIGH_DF_FRACTION, usage_stats
 from model import build_model
 from sparse_update import SparseMemoryFinetuner
 from training import checkpoint as C
 from training import distributed as D
+from training.diagnostics import FactDiagnostics
+from training.evaluate_checkpoint import evaluate_module
 from training.data import eval_sets, finetune_stream, load_facts, load_tokenizer, lm_stream, shard_rows
 from training.lora import apply_lora, init_lora_tensor_
 from training.metrics import MetricsLogger, memory_scalars
@@ -158,6 +161,12 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     stepper = Stepper(config=config, strategy=strategy, finetuner=finetuner, values=values,
                       values_optimizer=values_opt, device=dist_info.device, total_steps=total)
     sets = eval_sets(config, facts, stream) if config.stage == "finetune" else {}
+    diagnostics = None
+    if config.stage == "finetune" and not config.data.documents and config.logging.memory_diagnostics:
+        diagnostics = FactDiagnostics(model=strategy.module, tokenizer=tokenizer, facts=facts, finetuner=finetuner,
+                                      device=dist_info.device, max_known=config.eval.max_items)
+        diag_before = diagnostics.before()
+        log.log(step, diag_before, kind="diagnostics", console=False)
     before = _load_before(run_dir) if step > 0 else None
     if config.stage == "finetune" and before is None:
         before = _evaluate(config, strategy, tokenizer, sets, dist_info, log, 0, "before")
@@ -181,6 +190,8 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         if config.stage == "finetune":
             batch = shard_rows(batch, dist_info.rank, dist_info.world_size)
         metrics = stepper.step(batch, step)
+        if diagnostics is not None:
+            metrics.update(diagnostics.step(batch.fact_id))
         if not torch.isfinite(torch.tensor(metrics["train/loss"])):
             raise FloatingPointError(f"loss is {metrics['train/loss']} at step {step + 1}; stopping. The last good "
                                      f"checkpoint is kept in {run_dir / 'checkpoints'}; lower optim.lr")
@@ -209,8 +220,9 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         progress.close()
     check_replicas(values, step=step)
     save(step)
-    if updated is not None and dist_info.is_main:
-        C.save_tree(run_dir / "updated_rows.safetensors", {"rows": updated.nonzero().flatten()})
+    updated_rows = updated.nonzero().flatten() if updated is not None else None
+    if updated_rows is not None and dist_info.is_main:
+        C.save_tree(run_dir / "updated_rows.safetensors", {"rows": updated_rows})
     after = _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, "after") if sets else {}
     trainable_per_step = _trainable_per_step(config, plan, trainable, values)
     summary = build_summary(stage=config.stage, method=config.method if config.stage == "finetune" else "-",
@@ -218,6 +230,9 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
                             trainable_params_per_step=trainable_per_step, before=before, after=after)
     summary["final_train_loss"] = metrics.get("train/loss")
     summary["values_replicas_identical"] = True   # check_replicas above raised otherwise
+    if diagnostics is not None:
+        summary["diagnostics"] = {**diag_before, **diagnostics.after(updated_rows if plan.train_values else None)}
+        log.log(step, summary["diagnostics"], kind="diagnostics", console=False)
     if dist_info.is_main:
         write_summary(run_dir / "summary.json", summary)
     log.flush()
@@ -232,6 +247,7 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
         num = min(num, config.max_steps)
     tracker = finetuner.background_tracker
     tracker.start_collection()
+    total_counts = torch.zeros(values.shape[0], dtype=torch.int64)
     strategy.module.eval()
     progress = _progress(config, dist_info, num, 0)
     with torch.no_grad():
@@ -239,15 +255,15 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
             batch = next(stream)
             out = strategy.module(batch.tokens.to(dist_info.device),
                                   padding_mask=batch.padding_mask.to(dist_info.device))
-            tracker.add_batch_indices(out.memory_indices)
+            total_counts += tracker.add_batch_indices(out.memory_indices).cpu().to(torch.int64)
             if progress is not None:
                 progress.update(1)
     tracker.stop_collection()
     if progress is not None:
         progress.close()
     df = tracker.document_frequency.float()
-    diag = {"memory/slots_used_frac": float((df > 0).float().mean()),
-            "memory/df_mean_over_used": float(df[df > 0].mean()) if (df > 0).any() else 0.0}
+    diag = {f"memory/{k}": v for k, v in usage_stats(total_counts).items()}
+    diag["memory/high_df_slots_frac"] = float((df >= HIGH_DF_FRACTION * num).float().mean())
     log.log(num, diag, kind="background")
     C.save_checkpoint(run_dir, num, strategy=strategy, values=values, values_optimizer=None,
                       sparse_state=finetuner.state_dict(),
@@ -280,10 +296,7 @@ def _trainable_per_step(config, plan, trainable, values) -> int:
 def _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, tag) -> dict:
     if not sets:
         return {}
-    results = evaluate_sets(strategy.module, tokenizer, sets, batch_size=config.eval.batch_size,
-                            max_items=config.eval.max_items, device=dist_info.device,
-                            options={n: {"max_new_tokens": config.eval.max_new_tokens}
-                                     for n, (kind, _) in sets.items() if kind == "qa"})
+    results = evaluate_module(config, strategy.module, tokenizer, sets, dist_info.device)
     log.log(step, {f"eval/{k}": v for k, v in results.items()}, kind="eval", extra={"tag": tag})
     return results
 
