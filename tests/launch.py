@@ -19,13 +19,14 @@ def env() -> dict[str, str]:
 
 
 def train(*args: str, nproc: int = 2, timeout: int = 900, check: bool = True,
-          extra: list[str] | None = None) -> subprocess.CompletedProcess:
+          extra: list[str] | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *(extra or []), str(TRAIN), *args]
     else:
         cmd = [sys.executable, str(TRAIN), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env={**env(), **(env_extra or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

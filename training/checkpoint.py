@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from training import distributed as D
+from training import faults
 
 PREFIX = "step_"
 
@@ -115,6 +116,8 @@ def save_checkpoint(run_dir: str | Path, step: int, *, strategy, values: torch.T
         tmp.mkdir(parents=True)
     D.barrier()
     strategy.save(str(tmp / "sharded"))
+    if faults.active("crash_in_save", step, dist_info.rank):
+        os._exit(9)
     ranks = D.all_gather_objects(rank_state)
     if dist_info.is_main:
         if values is not None:

@@ -131,11 +131,11 @@ class EvalSection:
     """Evaluation batch size per rank."""
     max_new_tokens: int = 16
     """Greedy generation length for QA."""
-    nq: str = "data/nq_open/validation.jsonl"
+    nq: str = "data/nq_open_validation.jsonl"
     """NQ-open jsonl."""
-    hellaswag: str = "data/hellaswag/validation.jsonl"
+    hellaswag: str = "data/hellaswag_val.jsonl"
     """HellaSwag jsonl."""
-    gsm8k: str = "data/gsm8k/test.jsonl"
+    gsm8k: str = "data/gsm8k_test.jsonl"
     """GSM8K jsonl."""
     heldout_text: str = ""
     """Held-out text source; empty = windows of data.text that pretraining never saw (the tail)."""
@@ -284,8 +284,8 @@ def _coerce_lists(config: Any, updates: dict) -> dict:
         if f is not None and dataclasses.is_dataclass(getattr(config, key)) and isinstance(value, dict):
             value = _coerce_lists(getattr(config, key), value)
         elif f is not None and str(f.type) == "list":
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v]
+            if isinstance(value, str):   # "a,b" or "[a, b]" from the command line
+                value = [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
             elif isinstance(value, tuple):
                 value = list(value)
             if not isinstance(value, list):

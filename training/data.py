@@ -12,6 +12,7 @@ from data_pipeline.lm_stream import LMStream, MixedStream, StatementStream, load
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HELDOUT_DOCS = 64   # the last documents of data.text are never trained on: held-out text NLL
+HELDOUT_CHARS = 2000   # each held-out document is scored on its first characters (bounded eval cost)
 
 
 def data_path(path: str, *, key: str) -> Path:
@@ -71,7 +72,7 @@ def heldout_texts(config) -> list:
     texts = load_texts([data_path(p, key="data.text") for p in config.data.text])
     from data_pipeline import TextRecord
     tail = texts[-HELDOUT_DOCS:]
-    return [TextRecord(id=f"heldout-{i}", text=t) for i, t in enumerate(tail)]
+    return [TextRecord(id=f"heldout-{i}", text=t[:HELDOUT_CHARS]) for i, t in enumerate(tail)]
 
 
 def _split(total: int, world_size: int, key: str) -> int:

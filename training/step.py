@@ -16,6 +16,7 @@ from torch import nn
 
 from data_pipeline import IGNORE_INDEX
 from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs
+from training import distributed as D
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class Stepper:
         self.values, self.values_optimizer = values, values_optimizer
         self.device, self.total_steps = device, total_steps
 
-    def step(self, batch, step: int) -> dict[str, Any]:
+    def step(self, batch, step: int, *, nan_fault: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         tokens = batch.tokens.to(self.device)
         mask = batch.padding_mask.to(self.device)
@@ -97,6 +98,11 @@ class Stepper:
         if self.finetuner is not None and self.finetuner.args.enabled:
             stats = self.finetuner.update_trainable_indices(out.memory_indices)
         loss = lm_loss(out.logits, labels)
+        if nan_fault:
+            loss = loss * float("nan")
+        # a non-finite loss on any rank stops every rank together, before any update
+        if D.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
+            return {"train/loss": float("nan")}
         self.strategy.backward(loss)
         lr = lr_at(self.config, step, self.total_steps)
         # Values: mask + row-sync now, so the norm below is the same on every rank.

@@ -20,6 +20,7 @@ from evaluation.memory_diagnostics import HIGH_DF_FRACTION, usage_stats
 from model import build_model
 from sparse_update import SparseMemoryFinetuner
 from training import checkpoint as C
+from training import faults
 from training import distributed as D
 from training.diagnostics import FactDiagnostics
 from training.evaluate_checkpoint import evaluate_module
@@ -47,12 +48,13 @@ class StopRequest:
 
 
 def prepare_run_dir(config, dist_info) -> Path:
-    """Create the run dir; refuse one that holds a run of a different config (never overwrite it)."""
+    """Create the run dir; refuse one whose checkpoints/summary come from a different config (never mix runs)."""
     run_dir = Path(config.output_dir)
     resolved = run_dir / "config.yaml"
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if resolved.is_file():
+        has_results = (run_dir / "summary.json").is_file() or bool(C.list_checkpoints(run_dir))
+        if resolved.is_file() and has_results:
             try:
                 old = yaml.safe_load(resolved.read_text()) or {}
             except yaml.YAMLError:
@@ -132,6 +134,7 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         stream.load_state_dict(state["ranks"][dist_info.rank]["stream"])
         step = int(state["step"])
         _print(dist_info, f"resumed from {ckpt} at step {step}")
+        log.log(step, {}, kind="resume", console=False, extra={"checkpoint": ckpt.name})
     elif config.init_from:
         ckpt = C.resolve_checkpoint(config.init_from)
         strategy.load(str(ckpt / "sharded"), model_only=True, allow_missing=lambda k: k in lora_names)
@@ -189,12 +192,15 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         batch = next(stream)
         if config.stage == "finetune":
             batch = shard_rows(batch, dist_info.rank, dist_info.world_size)
-        metrics = stepper.step(batch, step)
+        metrics = stepper.step(batch, step, nan_fault=faults.active("nan_loss", step + 1, dist_info.rank))
+        if faults.active("diverge", step + 1, dist_info.rank):
+            with torch.no_grad():
+                values[0] += 1e-3
         if diagnostics is not None:
             metrics.update(diagnostics.step(batch.fact_id))
         if not torch.isfinite(torch.tensor(metrics["train/loss"])):
-            raise FloatingPointError(f"loss is {metrics['train/loss']} at step {step + 1}; stopping. The last good "
-                                     f"checkpoint is kept in {run_dir / 'checkpoints'}; lower optim.lr")
+            raise FloatingPointError(f"the loss is not finite at step {step + 1}; stopped before updating. The last good "
+                                     f"checkpoint is kept in {run_dir / 'checkpoints'}; lower optim.lr and resume")
         step += 1
         if updated is not None and plan.train_values and finetuner.trainable_indices is not None:
             updated[finetuner.trainable_indices.cpu()] = True

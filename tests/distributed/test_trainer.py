@@ -14,14 +14,8 @@ pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    pre, bg = root / "pre", root / "bg"
-    train("--config", "recipes/configs/tiny_pretrain.yaml", f"--output_dir={pre}", "--max_steps=3",
-          "--checkpoint.interval=2", *SMALL)
-    train("--config", "recipes/configs/tiny_background.yaml", f"--output_dir={bg}", f"--init_from={pre}",
-          "--sparse.background_batches=3", *SMALL)
-    return root
+def runs(tiny_runs):
+    return tiny_runs
 
 
 def values_of(run_dir):

@@ -100,19 +100,19 @@ class FSDP2Strategy:
         dcp.save(state, checkpoint_id=path)
 
     def load(self, path: str, *, model_only: bool, allow_missing: Callable[[str], bool] = lambda k: False) -> None:
-        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+        from training import safe_dcp
         state: dict[str, Any] = {"model": self._model_state()}
         with_optim = not model_only and self.optimizer is not None
         if with_optim:
             state["optim"] = get_optimizer_state_dict(self.module, self.optimizer, options=self._OPTS)
-        stored = set(FileSystemReader(path).read_metadata().state_dict_metadata)
+        stored = safe_dcp.stored_keys(path)
         missing = [k for k in state["model"] if f"model.{k}" not in stored]
         if [k for k in missing if not allow_missing(k)]:
             raise ValueError(f"checkpoint {path} lacks model weights {missing[:3]}...; was it written for "
                              "another model config?")
         for k in missing:
             state["model"].pop(k)
-        dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+        safe_dcp.load(state, path)
         set_model_state_dict(self.module, state["model"], options=StateDictOptions(strict=False))
         if with_optim:
             set_optimizer_state_dict(self.module, self.optimizer, state["optim"], options=self._OPTS)
