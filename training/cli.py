@@ -31,8 +31,14 @@ def main(argv: list[str]) -> int:
         from training.config import describe
         print(USAGE + describe())
         return 0
+    return run_cli(_train, argv, name="train.py")
+
+
+def run_cli(fn, argv: list[str], *, name: str) -> int:
+    """Run `fn` through fire; user errors become one `error: ...` line and exit code 2 (SMF_TRACEBACK=1
+    shows the traceback)."""
     try:
-        fire.Fire(_train, command=argv, name="train.py")
+        fire.Fire(fn, command=argv, name=name)
         return 0
     except (ValueError, FileNotFoundError, FloatingPointError, ReplicaDivergence) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -215,14 +213,5 @@ def main(argv: list[str]) -> int:
                             max_items=max_items, config=None if config is None else str(config),
                             overrides=overrides)
 
-    try:
-        fire.Fire(_run, command=argv, name="evaluate.py")
-        return 0
-    except (ValueError, FileNotFoundError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        if os.environ.get("SMF_TRACEBACK"):
-            traceback.print_exc()
-        return 2
-    except fire.core.FireExit as err:
-        return int(err.code or 0)
+    from training.cli import run_cli
+    return run_cli(_run, argv, name="evaluate.py")
