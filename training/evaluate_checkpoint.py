@@ -199,8 +199,6 @@ def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = 
 
 def main(argv: list[str]) -> int:
     """fire parses `--key=value` words, as recipes/train.py; errors are one line, exit code 2."""
-    import fire
-
     if any(a in ("-h", "--help", "help") for a in argv):
         print(USAGE)
         return 0

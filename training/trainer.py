@@ -28,7 +28,7 @@ from training.data import eval_sets, finetune_stream, load_facts, load_tokenizer
 from training.lora import apply_lora, init_lora_tensor_
 from training.metrics import MetricsLogger, memory_scalars
 from training.parallel import build_strategy
-from training.replicas import ReplicaDivergence, check_replicas
+from training.replicas import check_replicas
 from training.step import Stepper, make_plan, optimizer_factory, set_trainable
 
 
