@@ -10,6 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a checkout without install
 
+from training import signals  # noqa: E402
+
+signals.install()   # before the heavy imports: a preemption signal during start-up is not lost
+
 from training.cli import main  # noqa: E402
 
 if __name__ == "__main__":

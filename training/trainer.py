@@ -7,7 +7,6 @@ checkpoint -> loop -> close.
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from evaluation.memory_diagnostics import HIGH_DF_FRACTION, usage_stats
 from model import build_model
 from sparse_update import SparseMemoryFinetuner
 from training import checkpoint as C
-from training import faults
+from training import faults, signals
 from training import distributed as D
 from training.diagnostics import FactDiagnostics
 from training.evaluate_checkpoint import evaluate_module
@@ -36,15 +35,11 @@ class StopRequest:
     """SIGUSR1/SIGTERM (preemption) -> checkpoint at the next step boundary and exit cleanly."""
 
     def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
+        signals.install()       # idempotent; recipes/train.py installs it before the heavy imports
 
     def agreed(self) -> bool:
-        return D.all_reduce_max(1.0 if self.requested else 0.0) > 0
+        """Ranks receive the signal at different steps: stop when any rank has it."""
+        return D.all_reduce_max(1.0 if signals.received() else 0.0) > 0
 
 
 def prepare_run_dir(config, dist_info) -> Path:

@@ -1,0 +1,23 @@
+#!/bin/bash
+# Document learning: finetune on a stream of document chunks (SimpleQA documents).
+#   sbatch slurm/document_learning.sh   # defaults below, run dir runs/document_learning-JOBID
+#   CONFIG=... OUTPUT_DIR=... OVERRIDES="--key=value ..." sbatch --nodes=2 slurm/document_learning.sh
+# Settings and the preemption protocol: slurm/common.sh. CPU mode (no GPUs):
+#   DEVICE=cpu NPROC_PER_NODE=2 sbatch --gres=none --cpus-per-task=2 slurm/document_learning.sh
+#SBATCH --job-name=document_learning
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+: "${CONFIG:=recipes/configs/paper_1.3b_document_learning.yaml}"
+# sbatch runs a copy of this file: ask Slurm where the original (and so the repository) is
+if [[ -z ${REPO_DIR:-} ]]; then
+  REPO_DIR=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's|^ *Command=\(.*\)/slurm/[^/]*$|\1|p')
+  [[ -f $REPO_DIR/slurm/common.sh ]] || REPO_DIR=${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}
+fi
+source "$REPO_DIR/slurm/common.sh"

@@ -1,0 +1,1 @@
+"""Training: job config, distributed set-up, parallel strategies, checkpoints, metrics, the step."""
