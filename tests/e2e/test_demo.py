@@ -10,7 +10,7 @@ import pytest
 
 from tests.launch import REPO, env
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 
 def test_quick_demo_produces_table_plots_and_summaries(tmp_path):
