@@ -20,35 +20,41 @@ def _rms(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _topk_lowest_index_first(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k along the last dim; among equal scores the lower position wins (stable sort)."""
-    values, order = torch.sort(scores, dim=-1, descending=True, stable=True)
-    return values[..., :k], order[..., :k]
+def _top_set(scores: Tensor, k: int) -> Tensor:
+    """Positions of the k largest entries along the last dim, in increasing position order; among
+    entries equal to the k-th largest the lower positions win. topk finds the threshold, masks pick the
+    set exactly (a full stable sort gives the same result but is ~6x slower on CPU)."""
+    threshold = scores.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = scores > threshold
+    ties = scores == threshold
+    need = k - above.sum(dim=-1, keepdim=True)
+    take = above | (ties & (ties.cumsum(dim=-1) <= need))
+    return take.nonzero()[:, -1].view(*scores.shape[:-1], k)
 
 
 def product_key_topk(query: Tensor, sub_keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Exact top-k slots of the product-key score.
 
     query: (M, H, k_dim); sub_keys: (H, 2, n, k_dim / 2). Returns scores (M, H, k) in descending order
-    and slot indices (M, H, k) in [0, n*n).
+    (ties: lower slot first) and slot indices (M, H, k) in [0, n*n).
     """
     n = sub_keys.shape[2]
     half = query.shape[-1] // 2
     q1, q2 = query[..., :half], query[..., half:]
     s1 = torch.einsum("mhd,hnd->mhn", q1, sub_keys[:, 0])
     s2 = torch.einsum("mhd,hnd->mhn", q2, sub_keys[:, 1])
-    _, i1 = _topk_lowest_index_first(s1, k)
-    _, i2 = _topk_lowest_index_first(s2, k)
-    # Order each half's winners by index so that the row-major k*k candidate grid is in increasing
-    # slot order; the stable sort below then breaks ties towards the lower slot.
-    i1, _ = torch.sort(i1, dim=-1)
-    i2, _ = torch.sort(i2, dim=-1)
+    # Each half's winners come in index order, so the row-major k*k candidate grid is in increasing
+    # slot order and the same rule (lower position wins ties) means lower slot wins.
+    i1 = _top_set(s1, k)
+    i2 = _top_set(s2, k)
     v1 = s1.gather(-1, i1)
     v2 = s2.gather(-1, i2)
     cand = (v1.unsqueeze(-1) + v2.unsqueeze(-2)).flatten(-2)            # (M, H, k*k)
     cand_slots = (i1.unsqueeze(-1) * n + i2.unsqueeze(-2)).flatten(-2)   # (M, H, k*k)
-    scores, pos = _topk_lowest_index_first(cand, k)
-    return scores, cand_slots.gather(-1, pos)
+    pos = _top_set(cand, k)                                              # slot order
+    scores = cand.gather(-1, pos)
+    scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)   # only k entries
+    return scores, cand_slots.gather(-1, pos.gather(-1, order))
 
 
 class ProductKeyMemory(nn.Module):

@@ -79,6 +79,8 @@ class OptimSection:
     """constant | cosine (decay to 10% over max_steps)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value; 0 = off."""
+    loss_reduction: str = "mean"
+    """mean (per token; the lr of SGD on value rows then shrinks with tokens per step) | sum (over the global batch)."""
 
 
 @dataclass
@@ -203,6 +205,8 @@ class JobConfig:
         if self.uses_sgd and (self.optim.momentum != 0 or self.optim.weight_decay != 0):
             raise bad("optim.momentum" if self.optim.momentum else "optim.weight_decay",
                       f"must be 0 with method '{self.method}' (plain SGD): it would move masked rows")
+        if self.optim.loss_reduction not in ("mean", "sum"):
+            raise bad("optim.loss_reduction", "must be mean or sum")
         if self.optim.schedule not in ("constant", "cosine"):
             raise bad("optim.schedule", "must be constant or cosine")
         for key in ("seq_len", "batch_size", "num_paraphrases", "passes"):

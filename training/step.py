@@ -74,8 +74,14 @@ def lr_at(config, step: int, total: int) -> float:
     return o.lr
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over real tokens. "mean" averages this rank's tokens; "sum" adds them up
+    (times world size, since gradients are averaged over ranks), so the SGD lr of the value rows does not
+    shrink with the number of tokens per step."""
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    if reduction == "sum" and torch.distributed.is_initialized():
+        loss = loss * torch.distributed.get_world_size()
+    return loss
 
 
 class Stepper:
@@ -93,11 +99,13 @@ class Stepper:
         tokens = batch.tokens.to(self.device)
         mask = batch.padding_mask.to(self.device)
         labels = batch.labels.to(self.device)
+        num_tokens = int(mask.sum())
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         out = self.strategy.module(tokens, padding_mask=mask)
         stats: dict[str, Any] = {}
         if self.finetuner is not None and self.finetuner.args.enabled:
             stats = self.finetuner.update_trainable_indices(out.memory_indices)
-        loss = lm_loss(out.logits, labels)
+        loss = lm_loss(out.logits, labels, reduction=self.config.optim.loss_reduction)
         if nan_fault:
             loss = loss * float("nan")
         # a non-finite loss on any rank stops every rank together, before any update
@@ -123,9 +131,8 @@ class Stepper:
             self.values_optimizer.step()
             self.values_optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        num_tokens = int(mask.sum())
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        metrics = {"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": grad_norm,
+        per_token = loss.item() / (num_tokens * world if self.config.optim.loss_reduction == "sum" else 1)
+        metrics = {"train/loss": per_token, "train/lr": lr, "train/grad_norm": grad_norm,
                    "train/step_time_s": elapsed, "train/tokens_per_s": num_tokens * world / max(elapsed, 1e-9)}
         metrics.update({f"sparse_update/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
         return metrics

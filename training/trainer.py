@@ -182,7 +182,10 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     progress = _progress(config, dist_info, total, step)
     updated = torch.zeros(values.shape[0], dtype=torch.bool) if values is not None else None
     metrics: dict[str, Any] = {}
-    strategy.module.train()
+    # Finetuning keeps the model in eval mode: the model has no dropout, and train mode would let
+    # BatchNorm (memory.query_batchnorm) renormalise queries with one fact's statistics and move its
+    # running statistics -- parameters outside the selected value rows would change.
+    strategy.module.train(config.stage == "pretrain")
     while step < total:
         batch = next(stream)
         if config.stage == "finetune":

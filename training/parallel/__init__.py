@@ -14,6 +14,8 @@ from torch import nn
 class Strategy(Protocol):
     module: nn.Module
     """What the loop calls for the forward pass."""
+    values: nn.Parameter | None
+    """The replicated memory values table (read after materialize: it may be a new object)."""
 
     def materialize(self, init_fn: Any, seed: int) -> None:
         """Allocate the meta-built model on this rank (shards only) and initialise it deterministically."""
@@ -29,9 +31,11 @@ class Strategy(Protocol):
     def step(self, *, clip_coef: float, lr: float) -> None:
         """Scale gradients by clip_coef (<= 1), set the lr, step the managed optimizer, zero grads."""
 
-    def model_state(self) -> dict[str, Any]: ...
-    def save(self, path: str, *, extra: dict[str, Any]) -> None: ...
-    def load(self, path: str, *, model_only: bool) -> dict[str, Any]: ...
+    def save(self, path: str) -> None:
+        """Write what the strategy manages (model, its optimizer) under `path`; every rank calls it."""
+
+    def load(self, path: str, *, model_only: bool, allow_missing: Any = lambda key: False) -> None:
+        """Read `path`; model_only reads the model weights of any strategy's checkpoint (init_from)."""
 
 
 def build_strategy(name: str, model: nn.Module, *, values: nn.Parameter | None, dist_info, config) -> Strategy:
