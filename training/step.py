@@ -60,8 +60,7 @@ def optimizer_factory(config, *, sgd: bool):
     if sgd:
         return lambda params: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     wd = o.weight_decay if config.stage == "pretrain" or config.method != "full" else (o.weight_decay or 0.1)
-    return lambda params: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=wd,
-                                            foreach=False)
+    return lambda params: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=wd)
 
 
 def lr_at(config, step: int, total: int) -> float:
