@@ -33,3 +33,7 @@ data: setup
 # The paper's experiment in miniature on a CPU (2 torchrun ranks); base model cached in runs/demo.
 demo: setup data
 	$(PY) recipes/demo.py --out runs/demo --nproc 2
+
+# Cost figures as ratios measured side by side (QUICK=1: under 10 minutes on 2 cores).
+bench: setup
+	$(PY) -m benchmarks.run $(if $(QUICK),--quick)

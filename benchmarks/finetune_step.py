@@ -1,0 +1,147 @@
+"""The finetune step that items 1-3 time: forward, TF-IDF selection, backward, row mask/sync, SGD.
+
+It follows training/step.py (Stepper.step) for the values-only methods: the finetuner selects rows
+from the forward's memory indices, backward runs the finetuner's masking tensor hook, then
+`sync_gradients()` (mask + all-reduce of the t selected rows when distributed) and plain SGD.
+
+`Setup` holds two views of the one values table: `values` carries the finetuner's hooks, `plain`
+is a second nn.Parameter over the same storage with no hooks, so the "no selection" step trains the
+very same table in the same process without the finetuner seeing it (`make_union` adds a third view
+for the 2-rank worker).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import build_bench_model, synthetic_background, token_batches, values_only
+from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs
+
+LR = 1e-3
+
+
+def lm_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+@dataclass
+class Setup:
+    model: nn.Module
+    values: nn.Parameter
+    plain: nn.Parameter
+    finetuner: SparseMemoryFinetuner
+    opt: torch.optim.Optimizer
+    opt_plain: torch.optim.Optimizer
+    batches: list
+    select_s: list = field(default_factory=list)
+    sync_s: list = field(default_factory=list)
+    selection_stats: dict = field(default_factory=dict)
+
+
+def make_setup(model_overrides: dict, *, top_t: int, batch: int, seq: int, num_batches: int,
+               seed: int = 0, attach: bool = True) -> Setup:
+    model = build_bench_model(model_overrides, seed=seed)
+    values_only(model)
+    values = model.memory_values
+    plain = nn.Parameter(values.data)       # same storage, no hooks
+    finetuner = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=top_t), values)
+    synthetic_background(finetuner)
+    opt = torch.optim.SGD([values], lr=LR)
+    if attach:
+        finetuner.attach(opt)
+    opt_plain = torch.optim.SGD([plain], lr=LR)
+    batches = token_batches(num_batches, batch, seq, model.config.vocab_size, seed=seed + 1)
+    return Setup(model, values, plain, finetuner, opt, opt_plain, batches)
+
+
+def smf_step(s: Setup, tokens: torch.Tensor, *, phase=None) -> float:
+    """One sparse-memory-finetuning step (selection + masked backward + row sync + SGD); returns the loss.
+    `phase(name)` is called around the collectives-bearing parts (for byte accounting)."""
+    s.model.memory_values = s.values
+    out = s.model(tokens)
+    t0 = time.perf_counter()
+    if phase:
+        phase("selection")
+    s.selection_stats = s.finetuner.update_trainable_indices(out.memory_indices)
+    if phase:
+        phase(None)
+    s.select_s.append(time.perf_counter() - t0)
+    loss = lm_loss(out.logits, tokens)
+    loss.backward()
+    t0 = time.perf_counter()
+    if phase:
+        phase("values_sync")
+    s.finetuner.sync_gradients()
+    if phase:
+        phase(None)
+    s.sync_s.append(time.perf_counter() - t0)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+@dataclass
+class UnionSync:
+    """A third view of the same table trained like the library's `memory_all` method: no TF-IDF, every
+    accessed row trains, and the union of accessed rows is all-reduced so replicas stay identical (the
+    cheapest *correct* multi-rank step without selection)."""
+    values: nn.Parameter
+    finetuner: SparseMemoryFinetuner
+    opt: torch.optim.Optimizer
+
+
+def make_union(s: Setup) -> UnionSync:
+    values = nn.Parameter(s.values.data)
+    finetuner = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed"), values)
+    opt = torch.optim.SGD([values], lr=LR)
+    finetuner.attach(opt)
+    return UnionSync(values, finetuner, opt)
+
+
+def union_step(s: Setup, u: UnionSync, tokens: torch.Tensor, *, phase=None) -> float:
+    s.model.memory_values = u.values
+    out = s.model(tokens)
+    if phase:
+        phase("selection")
+    u.finetuner.update_trainable_indices(out.memory_indices)
+    if phase:
+        phase(None)
+    loss = lm_loss(out.logits, tokens)
+    loss.backward()
+    if phase:
+        phase("values_sync")
+    u.finetuner.sync_gradients()
+    if phase:
+        phase(None)
+    u.opt.step()
+    u.opt.zero_grad(set_to_none=True)
+    s.model.memory_values = s.values
+    return float(loss.detach())
+
+
+def plain_step(s: Setup, tokens: torch.Tensor) -> float:
+    """The same step training the same table with no selection, mask or sync (every accessed row moves)."""
+    s.model.memory_values = s.plain
+    out = s.model(tokens)
+    loss = lm_loss(out.logits, tokens)
+    loss.backward()
+    s.opt_plain.step()
+    s.opt_plain.zero_grad(set_to_none=True)
+    s.model.memory_values = s.values
+    return float(loss.detach())
+
+
+def cycler(batches: list):
+    """A callable returning the next batch each call (variants of one rep see the same batch when
+    each variant has its own cycler over the same list)."""
+    state = {"i": 0}
+
+    def nxt():
+        b = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        return b
+    return nxt
