@@ -40,8 +40,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cpu")
     if "RANK" in os.environ and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=dev if use_cuda else None)
+        timeout = datetime.timedelta(minutes=30)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and "MASTER_ADDR" in os.environ:
+            # After a torchrun restart the agent's store still holds the dead workers' connection
+            # addresses under the same keys; a fast new worker can read a stale one and fail with
+            # "connection refused". A per-attempt key prefix keeps every attempt's handshake separate.
+            base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                 is_master=False, timeout=timeout)
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"smf_attempt_{restart}", base),
+                                    rank=rank, world_size=world_size, timeout=timeout,
+                                    device_id=dev if use_cuda else None)
+        else:
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=dev if use_cuda else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
