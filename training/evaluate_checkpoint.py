@@ -118,25 +118,13 @@ def load_model(config, ckpt: Path, dist_info):
 
     Returns the strategy (its `.module` is what to evaluate). Everything is frozen: evaluation only.
     """
-    import torch
-
-    from model import build_model
     from training import checkpoint as C
-    from training.lora import apply_lora, init_lora_tensor_
-    from training.parallel import build_strategy
+    from training.build import build_parallel_model
 
-    model = build_model(config.model_config(), device="meta")
-    lora_names = set(apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha)) \
-        if config.stage == "finetune" and config.method == "lora" else set()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    strategy = build_strategy(config.strategy, model, values=model.memory_values, dist_info=dist_info,
-                              config=config)
-
-    def init_fn(name: str, tensor: torch.Tensor, gen: torch.Generator) -> None:
-        if not init_lora_tensor_(name, tensor, gen):
-            model.init_tensor_(name, tensor, gen)
-    strategy.materialize(init_fn, config.seed)
+    def freeze(model, lora: set[str]) -> None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    strategy, lora_names = build_parallel_model(config, dist_info, set_trainable=freeze)
     if lora_names:   # a LoRA config on a base checkpoint: the adapters start as the identity (B = 0)
         strategy.load(str(ckpt / "sharded"), model_only=True, allow_missing=lambda k: k in lora_names)
     else:

@@ -16,7 +16,6 @@ import yaml
 
 from evaluation import build_summary, write_summary
 from evaluation.memory_diagnostics import HIGH_DF_FRACTION, usage_stats
-from model import build_model
 from sparse_update import SparseMemoryFinetuner
 from training import checkpoint as C
 from training import faults, signals
@@ -24,9 +23,8 @@ from training import distributed as D
 from training.diagnostics import FactDiagnostics
 from training.evaluate_checkpoint import evaluate_module
 from training.data import eval_sets, finetune_stream, load_facts, load_tokenizer, lm_stream, shard_rows
-from training.lora import apply_lora, init_lora_tensor_
 from training.metrics import MetricsLogger, memory_scalars
-from training.parallel import build_strategy
+from training.build import build_parallel_model
 from training.replicas import check_replicas
 from training.step import Stepper, make_plan, optimizer_factory, set_trainable
 
@@ -79,18 +77,10 @@ def run(config) -> dict[str, Any]:
 
 def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest, t_start: float) -> dict:
     # ---- build on meta, choose what trains, parallelize, materialise -------------------------------
-    model = build_model(config.model_config(), device="meta")
-    lora_names = set(apply_lora(model, rank=config.lora.rank, alpha=config.lora.alpha)) \
-        if config.stage == "finetune" and config.method == "lora" else set()
     plan = make_plan(config)
-    set_trainable(model, plan, lora_names)
-    strategy = build_strategy(config.strategy, model, values=model.memory_values, dist_info=dist_info,
-                              config=config)
-
-    def init_fn(name: str, tensor: torch.Tensor, gen: torch.Generator) -> None:
-        if not init_lora_tensor_(name, tensor, gen):
-            model.init_tensor_(name, tensor, gen)
-    strategy.materialize(init_fn, config.seed)
+    strategy, lora_names = build_parallel_model(
+        config, dist_info, set_trainable=lambda model, lora: set_trainable(model, plan, lora))
+    model = strategy.module
     values = strategy.values          # materialising replaces parameter objects: take them afterwards
     trainable = [p for p in strategy.module.parameters() if p.requires_grad and p is not values]
 

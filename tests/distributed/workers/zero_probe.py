@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repository root
 
 import torch  # noqa: E402
 
-from training import trainer  # noqa: E402
+from training import build  # noqa: E402
 from training.cli import main  # noqa: E402
 from training.parallel import build_strategy  # noqa: E402
 
@@ -67,7 +67,7 @@ def probed_build_strategy(name, model, *, values, dist_info, config):
     return strategy
 
 
-trainer.build_strategy = probed_build_strategy
+build.build_strategy = probed_build_strategy   # where the trainer builds its strategy
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
