@@ -118,7 +118,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         indices: list[Tensor] = []
         for layer in self.layers:
-            h, idx = layer(h, cos, sin, attn_mask, self.memory_values, padding_mask)
+            # Only memory blocks get the table: FSDP2 hooks every block's tensor inputs, and an unused
+            # table input comes back from its backward hook as a dense N x d zero gradient per block.
+            values = self.memory_values if layer.memory is not None else None
+            h, idx = layer(h, cos, sin, attn_mask, values, padding_mask)
             if idx is not None:
                 indices.append(idx)
         return ModelOutput(logits=self.output(self.norm(h)).float(), memory_indices=indices)

@@ -173,6 +173,8 @@ class SparseMemoryFinetuner:
         self._grad_synced = False  # new gradient contributions: the next step must sync again
         if not self.args.mask_in_backward:
             return None
+        if self.args.mode == "all_accessed" and self._trainable is not None:
+            return None  # every row this rank read is selected (union over ranks): the mask is the identity
         rows = self._require_selection().to(grad.device)
         return mask_rows(grad, rows, dense_output=False)  # a tensor hook must keep the gradient's layout
 
