@@ -141,6 +141,10 @@ class EvalSection:
     """GSM8K jsonl."""
     heldout_text: str = ""
     """Held-out text source; empty = windows of data.text that pretraining never saw (the tail)."""
+    cache_before: bool = True
+    """Reuse the 'before' evaluation of the init_from checkpoint when the model, the evaluation sets, this
+    section and the evaluation code are all unchanged (stored in <checkpoint>/eval_cache/; a sweep from one
+    base then evaluates the base once)."""
 
 
 @dataclass

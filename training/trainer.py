@@ -6,6 +6,8 @@ checkpoint -> loop -> close.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -157,7 +159,15 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         log.log(step, diag_before, kind="diagnostics", console=False)
     before = _load_before(run_dir) if step > 0 else None
     if config.stage == "finetune" and before is None:
-        before = _evaluate(config, strategy, tokenizer, sets, dist_info, log, 0, "before")
+        cache = _before_cache_path(config, sets, model.config, dist_info.world_size)
+        before = _read_before_cache(cache)
+        if before is not None:
+            log.log(0, {f"eval/{k}": v for k, v in before.items()}, kind="eval", extra={"tag": "before", "cached": str(cache)})
+            _print(dist_info, f"[eval] before: reused {cache}")
+        else:
+            before = _evaluate(config, strategy, tokenizer, sets, dist_info, log, 0, "before")
+            if dist_info.is_main and cache is not None:
+                _write_before_cache(cache, before)
         if dist_info.is_main:
             (run_dir / "eval_before.json").write_text(json.dumps(before))
 
@@ -293,6 +303,53 @@ def _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, tag) -> d
     results = evaluate_module(config, strategy.module, tokenizer, sets, dist_info.device)
     log.log(step, {f"eval/{k}": v for k, v in results.items()}, kind="eval", extra={"tag": tag})
     return results
+
+
+_EVAL_CODE = [Path(__file__).resolve().parent.parent / d for d in ("evaluation", "training/evaluate_checkpoint.py",
+                                                                  "training/data.py", "data_pipeline")]
+
+
+def _before_cache_path(config, sets, model_config, world_size: int) -> Path | None:
+    """<init_from checkpoint>/eval_cache/before-<hash>.json: the hash covers everything the 'before' numbers
+    depend on (checkpoint, model config, LoRA or not, the evaluation records, the eval section, the world
+    size and the source of the evaluation and data code), so a stale entry cannot be hit."""
+    if not (config.eval.cache_before and config.init_from and sets):
+        return None
+    ckpt = C.resolve_checkpoint(config.init_from)
+    h = hashlib.sha256()
+    head = {"checkpoint": str(ckpt.resolve()), "trainer": (ckpt / "trainer.json").read_text(),
+            "model": repr(model_config), "lora": config.method == "lora" and config.stage == "finetune",
+            "lora_section": dataclasses.asdict(config.lora) if config.method == "lora" else None,
+            "eval": {k: v for k, v in dataclasses.asdict(config.eval).items() if k != "cache_before"},
+            "world_size": world_size, "device": str(config.device), "strategy": config.strategy}
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for name in sorted(sets):
+        h.update(json.dumps([name, sets[name][0], sets[name][1]], sort_keys=True, default=repr).encode())
+    for root in _EVAL_CODE:
+        for src in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            h.update(src.read_bytes())
+    return ckpt / "eval_cache" / f"before-{h.hexdigest()[:24]}.json"
+
+
+def _read_before_cache(path: Path | None) -> dict | None:
+    """The cached numbers, or None. Every rank must see the same file, else all evaluate (collectives)."""
+    found = path is not None and path.is_file()
+    if D.all_reduce_max(0.0 if found else 1.0) > 0:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable evaluation cache ({e}); delete it (it is recomputed)") from None
+
+
+def _write_before_cache(path: Path, before: dict) -> None:
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(before))
+        tmp.replace(path)
+    except OSError as e:   # a read-only base checkpoint: no cache, same results
+        print(f"note: could not cache the 'before' evaluation in {path.parent} ({e})", flush=True)
 
 
 def _load_before(run_dir: Path) -> dict | None:

@@ -73,6 +73,30 @@ def test_other_methods_run(runs, method):
         assert not torch.equal(base, after)
 
 
+def test_before_evaluation_is_cached_next_to_the_base_checkpoint(runs):
+    """A sweep from one base evaluates the base once: the second run reuses the first's 'before' numbers;
+    any change to what they depend on (here eval.max_items) misses; a damaged entry is a one-line error."""
+    cache_dir = list_checkpoints(runs / "bg")[-1] / "eval_cache"
+    existing = set(cache_dir.glob("*.json")) if cache_dir.is_dir() else set()
+    common = ["--config", "recipes/configs/tiny_fact_learning.yaml", f"--init_from={runs / 'bg'}", "--max_steps=1",
+              "--eval.sets=[known_facts,heldout_text]", *SMALL, "--eval.max_items=3"]
+    first = train(*common, f"--output_dir={runs / 'cache_a'}", "--optim.lr=10")
+    assert "reused" not in first.stdout
+    new = set(cache_dir.glob("*.json")) - existing
+    assert len(new) == 1
+    second = train(*common, f"--output_dir={runs / 'cache_b'}", "--optim.lr=30")
+    assert "[eval] before: reused" in second.stdout
+    before = {k: v["before"] for k, v in summary(runs / "cache_a")["metrics"].items()}
+    assert before == {k: v["before"] for k, v in summary(runs / "cache_b")["metrics"].items()}
+    assert json.loads((runs / "cache_b" / "eval_before.json").read_text()) == json.loads(next(iter(new)).read_text())
+    third = train(*common, f"--output_dir={runs / 'cache_c'}", "--eval.max_items=2")
+    assert "reused" not in third.stdout and len(set(cache_dir.glob("*.json")) - existing) == 2
+    next(iter(new)).write_text("{not json")
+    bad = train(*common, f"--output_dir={runs / 'cache_d'}", check=False)
+    assert bad.returncode != 0 and "unreadable evaluation cache" in bad.stderr + bad.stdout
+    next(iter(new)).unlink()
+
+
 def test_resume_reproduces_the_uninterrupted_losses(runs):
     straight, split = runs / "straight", runs / "split"
     common = ["--config", "recipes/configs/tiny_fact_learning.yaml", f"--init_from={runs / 'bg'}",
