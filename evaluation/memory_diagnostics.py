@@ -5,7 +5,8 @@
 * answer-position lookups: the slots a fact's evaluation prompt reads at the position that predicts
   the first answer token, and the share of those lookups that land in slots with a high background
   document frequency (generic slots, which TF-IDF ranks low);
-* coverage: how many of those answer slots a step's trainable selection contains;
+* coverage: how many of those answer slots a step's trainable selection contains, and how many of the
+  slots read anywhere in the prompt (a mid-depth memory stores facts at the question's tokens);
 * interference: the share of known facts' answer lookups that hit rows a finetune updated.
 
 Forward passes here run on every rank with the same inputs (FSDP gathers parameters in forward), so
@@ -41,9 +42,18 @@ def answer_position_lookups(model: nn.Module, tokenizer: Any, prompts: Sequence[
                             device: torch.device, batch_size: int = 16) -> list[Tensor]:
     """For each prompt, every slot index read (all memory layers, heads, k) at its last token, which
     predicts the first answer token. Left-padded batches; returns one LongTensor per prompt."""
+    return [last for last, _ in prompt_lookups(model, tokenizer, prompts, device=device, batch_size=batch_size)]
+
+
+@torch.no_grad()
+def prompt_lookups(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
+                   device: torch.device, batch_size: int = 16) -> list[tuple[Tensor, Tensor]]:
+    """For each prompt: (slots read at its last token, slots read at any of its tokens). A memory layer
+    below the top can store a fact at the question's tokens, from where attention carries it to the
+    answer position; the second set shows whether a selection reaches those slots."""
     was_training = model.training
     model.eval()
-    out: list[Tensor] = []
+    out: list[tuple[Tensor, Tensor]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             rows = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + batch_size]]
@@ -54,8 +64,9 @@ def answer_position_lookups(model: nn.Module, tokenizer: Any, prompts: Sequence[
                 tokens[i, width - len(r):] = torch.tensor(r)
                 mask[i, width - len(r):] = True
             result = model(tokens.to(device), padding_mask=mask.to(device))
-            last = torch.cat([idx[:, -1, :] for idx in result.memory_indices], dim=-1).cpu()
-            out.extend(last.unbind(0))
+            every = torch.cat(list(result.memory_indices), dim=-1).cpu()       # (B, T, layers*heads*k)
+            for i, r in enumerate(rows):
+                out.append((every[i, -1], every[i, width - len(r):].flatten()))
     finally:
         model.train(was_training)
     return out

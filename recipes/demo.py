@@ -89,7 +89,8 @@ def table(runs: list[tuple[str, dict]]) -> str:
 
 def diagnostics_table(runs: list[tuple[str, dict]]) -> str:
     keys = ["memory/new_answer_lookups_high_df", "memory/known_answer_lookups_high_df",
-            "memory/answer_slot_coverage_mean", "memory/known_answer_lookups_in_updated_rows", "memory/updated_rows"]
+            "memory/answer_slot_coverage_mean", "memory/prompt_slot_coverage_mean",
+            "memory/known_answer_lookups_in_updated_rows", "memory/updated_rows"]
     lines = ["| run | " + " | ".join(k.split("/", 1)[1] for k in keys) + " |", "|" + "---|" * (1 + len(keys))]
     for name, s in runs:
         d = s.get("diagnostics", {})
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         diagnostics_table(runs), "",
         "new/known_answer_lookups_high_df: share of the evaluation prompt's answer-position lookups in slots read by "
         ">= 75% of background batches; answer_slot_coverage_mean: share of a fact's answer slots inside the step's "
-        "trainable selection; known_answer_lookups_in_updated_rows: interference with known facts.", "",
+        "trainable selection; prompt_slot_coverage_mean: the same for the slots read at any token of the prompt (where a "
+        "memory below the top layer can hold the fact); known_answer_lookups_in_updated_rows: interference with known facts.", "",
         "## Files", "", *[f"- `{p.relative_to(out)}`" for p in plots],
         f"- TensorBoard: `tensorboard --logdir {out}`", f"- run directories: `{sweep}/<point>/summary.json`", "",
     ])

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from data_pipeline.facts import eval_prompt
-from evaluation.memory_diagnostics import answer_position_lookups, coverage, high_df_share, hits_in_rows
+from evaluation.memory_diagnostics import answer_position_lookups, coverage, high_df_share, hits_in_rows, prompt_lookups
 
 
 class FactDiagnostics:
@@ -18,6 +18,7 @@ class FactDiagnostics:
         self.known = list(facts.known[:max_known])
         self.known_lookups: list[torch.Tensor] = []
         self.coverages: list[float] = []
+        self.prompt_coverages: list[float] = []
 
     def before(self) -> dict[str, float]:
         tracker = self.finetuner.background_tracker if self.finetuner is not None else None
@@ -38,15 +39,18 @@ class FactDiagnostics:
         record = self.records.get(fact_id) if fact_id is not None else None
         if record is None or self.finetuner is None or self.finetuner.trainable_indices is None:
             return {}
-        (lookups,) = answer_position_lookups(self.model, self.tokenizer, [eval_prompt(record)], device=self.device)
-        value = coverage(self.finetuner.trainable_indices, lookups)
+        ((last, every),) = prompt_lookups(self.model, self.tokenizer, [eval_prompt(record)], device=self.device)
+        value = coverage(self.finetuner.trainable_indices, last)
+        whole = coverage(self.finetuner.trainable_indices, every)
         self.coverages.append(value)
-        return {"memory/answer_slot_coverage": value}
+        self.prompt_coverages.append(whole)
+        return {"memory/answer_slot_coverage": value, "memory/prompt_slot_coverage": whole}
 
     def after(self, updated_rows: torch.Tensor | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.coverages:
             out["memory/answer_slot_coverage_mean"] = sum(self.coverages) / len(self.coverages)
+            out["memory/prompt_slot_coverage_mean"] = sum(self.prompt_coverages) / len(self.prompt_coverages)
         if updated_rows is not None and self.known_lookups:
             out["memory/known_answer_lookups_in_updated_rows"] = hits_in_rows(self.known_lookups, updated_rows)
         if updated_rows is not None:
