@@ -227,6 +227,9 @@ def main() -> None:
     train(res, "all_accessed", solo=solo, background=background, sparse=True, attach=True, mode="all_accessed")
     check_missing_grad(res, background)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res, indent=1, sort_keys=True))
+    # both ranks done before either tears down its gloo pairs: without it a peer's close could reach a
+    # rank still inside the last collective (seen once in CI: "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
