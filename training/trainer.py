@@ -318,8 +318,7 @@ def _before_cache_path(config, sets, model_config, world_size: int) -> Path | No
     ckpt = C.resolve_checkpoint(config.init_from)
     h = hashlib.sha256()
     head = {"checkpoint": str(ckpt.resolve()), "trainer": (ckpt / "trainer.json").read_text(),
-            "model": repr(model_config), "lora": config.method == "lora" and config.stage == "finetune",
-            "lora_section": dataclasses.asdict(config.lora) if config.method == "lora" else None,
+            "model": repr(model_config), "lora": dataclasses.asdict(config.lora) if config.method == "lora" else None,
             "eval": {k: v for k, v in dataclasses.asdict(config.eval).items() if k != "cache_before"},
             "world_size": world_size, "device": str(config.device), "strategy": config.strategy}
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
@@ -344,11 +343,8 @@ def _read_before_cache(path: Path | None) -> dict | None:
 
 def _write_before_cache(path: Path, before: dict) -> None:
     try:
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(before))
-        tmp.replace(path)
-    except OSError as e:   # a read-only base checkpoint: no cache, same results
+        write_summary(path, before)   # atomic; refuses NaN, so a NaN 'before' is simply not cached
+    except (OSError, ValueError) as e:   # e.g. a read-only base checkpoint: no cache, same results
         print(f"note: could not cache the 'before' evaluation in {path.parent} ({e})", flush=True)
 
 
