@@ -29,6 +29,8 @@ class Batch:
     labels: LongTensor[B, T], next-token targets aligned with ``tokens`` (-100 at padding).
     fact_id: the fact id (FactStream) or chunk id (DocumentStream) this batch teaches; None for LM batches.
     num_truncated: rows that did not fit in T+1 ids and lost their tail (including eos).
+    answer_mask: BoolTensor[B, T] or None; True at label positions whose target is a token of the
+        fact's answer (FactStream; ``optim.loss_on=answer`` trains on these labels only).
     """
 
     tokens: torch.Tensor
@@ -36,6 +38,7 @@ class Batch:
     labels: torch.Tensor
     fact_id: str | None = None
     num_truncated: int = 0
+    answer_mask: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -77,4 +80,6 @@ def concat_batches(batches: list[Batch]) -> Batch:
         labels=torch.cat([b.labels for b in batches]),
         fact_id=next((b.fact_id for b in batches if b.fact_id is not None), None),
         num_truncated=sum(b.num_truncated for b in batches),
+        answer_mask=(torch.cat([b.answer_mask for b in batches])
+                     if all(b.answer_mask is not None for b in batches) else None),
     )

@@ -19,17 +19,20 @@ with a leading space, which is exactly template 0 (``"Question: {q}\\nAnswer: {a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from data_pipeline.batch import Batch, pad_rows
 from data_pipeline.records import QARecord
 from data_pipeline.sources import DataError
 from data_pipeline.tokenizer import Tokenizer
 
-__all__ = ["TEMPLATES", "VARIATION_PREFIXES", "eval_prompt", "fact_statements", "load_paraphrases", "split_disjoint", "FactStream"]
+__all__ = ["TEMPLATES", "VARIATION_PREFIXES", "answer_token_span", "eval_prompt", "fact_statements", "load_paraphrases", "split_disjoint", "FactStream"]
 
 # {q}: the question; {a}: the canonical answer; {a_}: the answer ending a sentence (adds "." unless it
 # already ends in . ! or ?). Template 0 must stay the QA format that eval_prompt + " " + answer gives.
@@ -104,6 +107,29 @@ def split_disjoint(records: Sequence[QARecord], sizes: Sequence[int], *, seed: i
     return out
 
 
+def answer_token_span(tokenizer: Tokenizer, text: str, answer: str, ids: list[int]) -> tuple[int, int] | None:
+    """[start, end) of the answer's tokens in ``ids`` (``[bos] + encode(text) + ...``), for the last
+    occurrence of ``answer`` in ``text``; None when the text does not contain it (a user paraphrase may
+    not). The text before the answer (without the separating space) is tokenised on its own and the
+    common prefix with ``ids`` taken, so a boundary merged into one piece still gives a non-empty span."""
+    answer = answer.strip()
+    at = text.rfind(answer) if answer else -1
+    if at < 0:
+        return None
+    cut = at - 1 if at > 0 and text[at - 1] == " " else at
+
+    def common(a: list[int], b: list[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    start = common(tokenizer.encode(text[:cut], bos=True), ids)
+    end = common(tokenizer.encode(text[:at + len(answer)], bos=True), ids)
+    end = max(end, start + 1) if start < len(ids) else end
+    return (start, end) if end > start else None
+
+
 def _rotated(items: list[str], offset: int, *, pin_first: bool) -> list[str]:
     head, rest = (items[:1], items[1:]) if pin_first else ([], items)
     if rest:
@@ -159,8 +185,17 @@ class FactStream:
         return [VARIATION_PREFIXES[(i // len(pool)) % len(VARIATION_PREFIXES)] + pool[i % len(pool)] for i in range(self.num_paraphrases)]
 
     def batch_for(self, record: QARecord) -> Batch:
-        rows = self.tokenizer.encode_batch(self.statements(record), bos=True, eos=True)
-        return pad_rows(rows, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id, fact_id=record.id)
+        texts = self.statements(record)
+        rows = self.tokenizer.encode_batch(texts, bos=True, eos=True)
+        batch = pad_rows(rows, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id, fact_id=record.id)
+        answer_mask = torch.zeros_like(batch.padding_mask)
+        for i, (text, ids) in enumerate(zip(texts, rows)):
+            span = answer_token_span(self.tokenizer, text, record.answers[0], ids)
+            if span is not None:   # ids[j] for j in [start, end) are answer tokens; label j-1 predicts ids[j]
+                start, end = span
+                answer_mask[i, start - 1:min(end - 1, self.seq_len)] = True
+        answer_mask &= batch.padding_mask
+        return dataclasses.replace(batch, answer_mask=answer_mask)
 
     def __iter__(self) -> FactStream:
         return self

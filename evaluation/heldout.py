@@ -31,6 +31,7 @@ from torch import nn
 from evaluation.distributed import (Shard, batch_rounds, dummy_forward, eval_mode, forward_logits, fsum_column,
                                     infer_device, model_max_seq_len, reduce_item_table, resolve_shard,
                                     take_items)
+from evaluation.qa import encode_continuation as _encode_pair
 from evaluation.qa import qa_scores
 
 __all__ = ["continuation_nll", "gsm8k_nll", "gsm8k_context", "heldout_text_nll", "hellaswag_accuracy",
@@ -48,15 +49,6 @@ def hellaswag_preprocess(text: str) -> str:
     text = text.replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
-
-
-def _encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
-    """Token ids of context+continuation (with BOS) and the number of context ids."""
-    ctx = tokenizer.encode(context, bos=True, eos=False)
-    full = tokenizer.encode(context + continuation, bos=True, eos=False)
-    if len(full) > len(ctx) and full[:len(ctx)] == ctx:
-        return full, len(ctx)
-    return ctx + tokenizer.encode(continuation, bos=False, eos=False), len(ctx)
 
 
 def _fit(ids: list[int], num_prefix: int, max_len: int | None, bos_id: int) -> tuple[list[int], int]:

@@ -96,3 +96,214 @@ def hits_in_rows(lookups: Sequence[Tensor], rows: Tensor) -> float:
         return float("nan")
     flat = torch.cat(list(lookups))
     return float(torch.isin(flat, rows.cpu()).double().mean())
+
+
+def selection_vs_largest_rows(selected: Tensor, rows: Tensor, sq_norms: Tensor) -> dict[str, float]:
+    """Compare a selection of rows with the rows of largest gradient norm (those that SGD on every read
+    row, memory_all, moves most). `rows`: the rows with a gradient, `sq_norms`: their squared norms.
+    Returns memory/topt_overlap_memory_all: |selection ∩ the |selection| largest rows| / |selection| (1 when
+    the selection is exactly memory_all's largest moves), and memory/topt_grad_mass: the share of the total
+    squared gradient norm inside the selection."""
+    if selected.numel() == 0 or rows.numel() == 0:
+        return {"memory/topt_overlap_memory_all": 0.0, "memory/topt_grad_mass": 0.0}
+    k = min(selected.numel(), rows.numel())
+    largest = rows[torch.topk(sq_norms, k).indices]
+    inside = torch.isin(rows, selected)
+    total = float(sq_norms.double().sum())
+    return {"memory/topt_overlap_memory_all": float(torch.isin(largest, selected).double().sum()) / selected.numel(),
+            "memory/topt_grad_mass": float(sq_norms[inside].double().sum()) / total if total > 0 else 0.0}
+
+
+def f1_by_steps_since_update(steps_since: Sequence[int], f1: Sequence[float], *, num_bins: int = 4) -> list[dict]:
+    """Mean F1 of facts grouped by how many steps ago they were last trained (0 = the last step), in
+    `num_bins` bins of equal width over the observed range: a forgetting curve within the stream."""
+    if len(steps_since) != len(f1):
+        raise ValueError(f"{len(steps_since)} step counts for {len(f1)} F1 values")
+    if not steps_since:
+        return []
+    lo, hi = min(steps_since), max(steps_since)
+    width = max(1, math.ceil((hi - lo + 1) / num_bins))
+    out = []
+    for b in range(num_bins):
+        start, end = lo + b * width, lo + (b + 1) * width - 1
+        vals = [v for s, v in zip(steps_since, f1) if start <= s <= end]
+        if vals:
+            out.append({"steps_since": [start, end], "num_facts": len(vals), "f1": sum(vals) / len(vals)})
+    return out
+
+
+# ---------------------------------------------------------------- memory health (issue 17, rung 1)
+LOW_DF_FRACTION = 0.05   # "low document frequency": read in < 5% of the background batches
+HEALTH_TARGETS = {"slots_read_frac": 0.60, "answer_weight_low_df": 0.50, "jaccard_new_known_max": 0.10}
+"""Gate before any finetune sweep: >= 60% of slots read on background text, > 50% of the new facts'
+answer-position softmax weight on low-DF slots, new-known Jaccard of answer-slot sets < 0.1."""
+
+
+class ReadRecorder:
+    """Records the softmax weights of every memory read (forward hooks on the model's memory layers),
+    aligned with ``model(...).memory_indices`` concatenated over layers: ``weights()`` is (B, T, layers*heads*k),
+    0 at padded positions. Re-scores each layer's lookup from its input, so it costs one extra lookup."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from model.memory import ProductKeyMemory
+        self.layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+        self._handles: list[Any] = []
+        self._current: list[Tensor] = []
+
+    def __enter__(self) -> "ReadRecorder":
+        for layer in self.layers:
+            self._handles.append(layer.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        x = args[0]
+        mask = args[2] if len(args) > 2 else kwargs.get("padding_mask")
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        real = mask.reshape(-1) if mask is not None else torch.ones(flat.shape[0], dtype=torch.bool, device=x.device)
+        with torch.no_grad():
+            weights, _ = module.lookup(flat[real])
+        full = weights.new_zeros(batch * seq, weights.shape[1] * weights.shape[2])
+        full[real] = weights.reshape(weights.shape[0], -1)
+        self._current.append(full.view(batch, seq, -1).float().cpu())
+
+    def weights(self) -> Tensor:
+        """The weights of the last forward (all layers), then forget them."""
+        out, self._current = torch.cat(self._current, dim=-1), []
+        return out
+
+
+@torch.no_grad()
+def prompt_reads(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, device: torch.device,
+                 batch_size: int = 16) -> list[dict[str, Tensor]]:
+    """Per prompt: slots and softmax weights read at its last token (``last_slots``, ``last_weights``) and at
+    all its tokens (``all_slots``, ``all_weights``). Same forwards on every rank (call on all ranks)."""
+    was_training = model.training
+    model.eval()
+    out: list[dict[str, Tensor]] = []
+    try:
+        with ReadRecorder(model) as recorder:
+            for start in range(0, len(prompts), batch_size):
+                rows = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + batch_size]]
+                width = max(len(r) for r in rows)
+                tokens = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.bool)
+                for i, r in enumerate(rows):
+                    tokens[i, width - len(r):] = torch.tensor(r)
+                    mask[i, width - len(r):] = True
+                result = model(tokens.to(device), padding_mask=mask.to(device))
+                slots = torch.cat(list(result.memory_indices), dim=-1).cpu()
+                weights = recorder.weights()
+                for i, r in enumerate(rows):
+                    out.append({"last_slots": slots[i, -1], "last_weights": weights[i, -1],
+                                "all_slots": slots[i, width - len(r):].flatten(),
+                                "all_weights": weights[i, width - len(r):].flatten()})
+    finally:
+        model.train(was_training)
+    return out
+
+
+def topk_exp_entropy(weights: Tensor, k: int) -> float:
+    """Mean over lookups (one head, one token) of exp(entropy) of the top-k softmax weights: k when the
+    read is flat, 1 when one slot takes all the weight. `weights`: (..., heads*k) with 0 rows = padding."""
+    w = weights.reshape(-1, k).double()
+    w = w[w.sum(dim=1) > 0]
+    if w.numel() == 0:
+        return float("nan")
+    ent = -(w * w.clamp_min(1e-30).log()).sum(dim=1)
+    return float(ent.exp().mean())
+
+
+def _slot_sets(slot_lists: Sequence[Tensor]) -> list[Tensor]:
+    return [s[s >= 0].unique() for s in slot_lists]
+
+
+def jaccard_stats(a: Sequence[Tensor], b: Sequence[Tensor] | None = None) -> dict[str, float]:
+    """Jaccard overlap of slot sets: ``mean`` over all pairs (a_i, b_j) (i < j when b is None) and
+    ``mean_max``: the mean over a's sets of the largest overlap with any set of b (the other a's when b is
+    None). A fact whose slots another fact also writes has a high max even when the mean is low."""
+    sets_a = [s for s in a]
+    same = b is None
+    sets_b = sets_a if same else [s for s in b]
+    if not sets_a or not sets_b or (same and len(sets_a) < 2):
+        return {"mean": float("nan"), "mean_max": float("nan")}
+    universe = torch.cat(sets_a + sets_b).unique()
+
+    def onehot(sets: list[Tensor]) -> Tensor:
+        m = torch.zeros(len(sets), universe.numel(), dtype=torch.float64)
+        for i, s in enumerate(sets):
+            m[i, torch.searchsorted(universe, s)] = 1.0
+        return m
+
+    ma, mb = onehot(sets_a), onehot(sets_b)
+    inter = ma @ mb.T
+    union = ma.sum(1)[:, None] + mb.sum(1)[None, :] - inter
+    jac = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+    if same:
+        off = ~torch.eye(len(sets_a), dtype=torch.bool)
+        return {"mean": float(jac[torch.triu(off, 1)].mean()), "mean_max": float(jac.masked_fill(~off, -1).max(1).values.mean())}
+    return {"mean": float(jac.mean()), "mean_max": float(jac.max(1).values.mean())}
+
+
+def memory_health(*, total_counts: Tensor, document_frequency: Tensor, num_batches: int,
+                  known: Sequence[dict[str, Tensor]], new: Sequence[dict[str, Tensor]],
+                  background_weights: Tensor | None, k: int) -> dict[str, Any]:
+    """The health of a memory for sparse finetuning, from background usage and the reads of the known and
+    new facts' evaluation prompts (see :func:`prompt_reads`). Keys (``health/...``):
+
+    * slots_read_frac, usage_entropy (nats; max ln N), usage_kl_uniform: background usage;
+    * topk_exp_entropy: exp-entropy of the top-k weights over background reads (k = flat, 1 = one slot);
+    * {new,known}_answer_lookups_low_df / _weight_low_df: share of the answer-position reads (of their softmax
+      weight) on slots read by < 5% of background batches -- the slots TF-IDF can isolate;
+    * known_answer_slots_per_fact: distinct answer-position slots of the known facts per known fact;
+      known_facts_per_answer_slot: how many known facts read an answer slot, on average;
+    * jaccard_{new_new,new_known}{,_max}: Jaccard of answer-position slot sets (mean over pairs; mean of the
+      max); jaccard_lowdf_prompt_*: the same for the low-DF slots read anywhere in the prompt (what a
+      TF-IDF selection of a fact's statements can reach);
+    * targets: each HEALTH_TARGETS entry with its value and whether it is met.
+    """
+    out: dict[str, Any] = {f"health/{key}": v for key, v in usage_stats(total_counts).items()}
+    out["health/slots_read_frac"] = out.pop("health/slots_used_frac")
+    out["health/usage_entropy_max"] = math.log(total_counts.numel())
+    if background_weights is not None:
+        out["health/topk_exp_entropy"] = topk_exp_entropy(background_weights, k)
+        out["health/topk_k"] = k
+    df = document_frequency.cpu()
+    low = df < LOW_DF_FRACTION * max(num_batches, 1)
+    for name, reads in (("new", new), ("known", known)):
+        if not reads:
+            continue
+        slots = torch.cat([r["last_slots"] for r in reads])
+        weights = torch.cat([r["last_weights"] for r in reads]).double()
+        valid = slots >= 0
+        is_low = low[slots.clamp_min(0)] & valid
+        out[f"health/{name}_answer_lookups_low_df"] = float(is_low.double().sum() / valid.sum().clamp_min(1))
+        out[f"health/{name}_answer_weight_low_df"] = float(weights[is_low].sum() / weights[valid].sum().clamp_min(1e-30))
+    known_sets = _slot_sets([r["last_slots"] for r in known])
+    new_sets = _slot_sets([r["last_slots"] for r in new])
+    if known_sets:
+        distinct = torch.cat(known_sets).unique().numel()
+        out["health/known_answer_slots_per_fact"] = distinct / len(known_sets)
+        out["health/known_facts_per_answer_slot"] = sum(s.numel() for s in known_sets) / max(distinct, 1)
+    for prefix, a_sets, k_sets in (
+            ("jaccard", new_sets, known_sets),
+            ("jaccard_lowdf_prompt", *[[s[low[s]] for s in _slot_sets([r["all_slots"] for r in group])]
+                                       for group in (new, known)])):
+        nn_ = jaccard_stats(a_sets)
+        nk = jaccard_stats(a_sets, k_sets)
+        out[f"health/{prefix}_new_new"], out[f"health/{prefix}_new_new_max"] = nn_["mean"], nn_["mean_max"]
+        out[f"health/{prefix}_new_known"], out[f"health/{prefix}_new_known_max"] = nk["mean"], nk["mean_max"]
+    values = {"slots_read_frac": out.get("health/slots_read_frac"),
+              "answer_weight_low_df": out.get("health/new_answer_weight_low_df"),
+              "jaccard_new_known_max": out.get("health/jaccard_new_known_max")}
+    out["health/targets"] = {
+        key: {"value": values[key], "target": (">= " if key != "jaccard_new_known_max" else "< ") + str(t),
+              "met": bool(values[key] is not None and not math.isnan(values[key])
+                          and (values[key] < t if key == "jaccard_new_known_max" else values[key] >= t))}
+        for key, t in HEALTH_TARGETS.items()}
+    return out

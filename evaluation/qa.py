@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from evaluation.distributed import (batch_rounds, eval_mode, fsum_column, infer_device, reduce_item_table,
-                                    resolve_shard, take_items)
+from evaluation.distributed import (batch_rounds, dummy_forward, eval_mode, forward_logits, fsum_column,
+                                    infer_device, reduce_item_table, resolve_shard, take_items)
 from evaluation.generate import DEFAULT_STOP, generate_batch
 
 __all__ = ["normalize_answer", "f1_score", "exact_match", "max_over_answers", "score_answer",
@@ -75,28 +75,76 @@ def qa_scores(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, batch
               max_items: int | None = None, process_group: Any = None,
               device: torch.device | str | None = None, max_new_tokens: int = 32,
               prompt_fn: Callable[[Any], str] | None = None,
-              stop_strings: Sequence[str] = DEFAULT_STOP) -> dict[str, float]:
-    """QA F1 and exact match (means over questions, best over aliases) by greedy generation.
+              stop_strings: Sequence[str] = DEFAULT_STOP, return_items: bool = False) -> dict[str, Any]:
+    """QA F1 and exact match (means over questions, best over aliases) by greedy generation, and the
+    teacher-forced NLL of the canonical answer.
 
     Each prompt is ``prompt_fn(record)`` (default ``data_pipeline.facts.eval_prompt``, e.g.
     ``"Question: ...\\nAnswer:"``) encoded with BOS; the answer is generated greedily until a newline,
-    EOS or `max_new_tokens`. Returns ``{"f1": ..., "em": ...}``.
+    EOS or `max_new_tokens`. ``answer_nll`` is the mean over questions of the per-token NLL of
+    ``" " + answers[0]`` after the prompt (a graded signal where F1 is still 0). Returns ``{"f1", "em",
+    "answer_nll"}``; with ``return_items`` also ``"items"``: one ``{"f1", "em", "answer_nll"}`` per question.
     """
     items = take_items(records, max_items)
     prompt_fn = prompt_fn or _default_prompt
     shard = resolve_shard(process_group)
     dev = infer_device(model, device)
-    table = torch.zeros((len(items), 3), dtype=torch.float64)  # f1, em, coverage
+    table = torch.zeros((len(items), 4), dtype=torch.float64)  # f1, em, coverage, answer nll
     with eval_mode(model):
         for batch in batch_rounds(len(items), batch_size, shard):
             prompts = None if batch is None else [
                 tokenizer.encode(prompt_fn(items[i]), bos=True, eos=False) for i in batch]
             texts = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                    stop_strings=stop_strings, device=dev, shard=shard)
-            for i, text in zip(batch or (), texts):
+            nlls = _answer_nll_batch(model, tokenizer, None if batch is None else [items[i] for i in batch],
+                                     prompt_fn=prompt_fn, device=dev)
+            for i, text, nll in zip(batch or (), texts, nlls):
                 f1, em = score_answer(text, gold_answers(items[i]))
-                table[i] = torch.tensor([f1, em, 1.0], dtype=torch.float64)
+                table[i] = torch.tensor([f1, em, 1.0, nll], dtype=torch.float64)
     table = reduce_item_table(table, shard)
     assert bool((table[:, 2] == 1).all()), "every item must be evaluated by exactly one rank"
     n = len(items)
-    return {"f1": fsum_column(table, 0) / n, "em": fsum_column(table, 1) / n}
+    out: dict[str, Any] = {"f1": fsum_column(table, 0) / n, "em": fsum_column(table, 1) / n,
+                           "answer_nll": fsum_column(table, 3) / n}
+    if return_items:
+        out["items"] = [{"f1": float(r[0]), "em": float(r[1]), "answer_nll": float(r[3])} for r in table]
+    return out
+
+
+def encode_continuation(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of context+continuation (with BOS) and the number of context ids: the joined string
+    tokenised once when the context's ids are its prefix, else the two parts tokenised apart."""
+    ctx = tokenizer.encode(context, bos=True, eos=False)
+    full = tokenizer.encode(context + continuation, bos=True, eos=False)
+    if len(full) > len(ctx) and full[:len(ctx)] == ctx:
+        return full, len(ctx)
+    return ctx + tokenizer.encode(continuation, bos=False, eos=False), len(ctx)
+
+
+def _answer_nll_batch(model: nn.Module, tokenizer: Any, records: Sequence[Any] | None, *,
+                      prompt_fn: Callable[[Any], str], device: torch.device) -> list[float]:
+    """Per-token NLL of ``" " + answers[0]`` after each record's prompt (one forward; a dummy forward
+    for ``records=None`` so every rank runs the same collectives)."""
+    if records is None:
+        dummy_forward(model, pad_like_id=tokenizer.bos_id, device=device)
+        return []
+    pairs = []
+    for r in records:
+        ids, n = encode_continuation(tokenizer, prompt_fn(r), " " + gold_answers(r)[0].strip())
+        pairs.append((ids[:n], ids[n:]))
+    width = max(len(h) + len(c) for h, c in pairs)
+    tokens = torch.full((len(pairs), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.bool)
+    for i, (head, cont) in enumerate(pairs):
+        ids = head + cont
+        tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, :len(ids)] = True
+    logp = torch.log_softmax(forward_logits(model, tokens.to(device), mask.to(device)).float(), dim=-1).cpu()
+    out = []
+    for i, (head, cont) in enumerate(pairs):
+        if not cont:
+            out.append(float("nan"))
+            continue
+        pos = torch.arange(len(head) - 1, len(head) + len(cont) - 1)
+        out.append(float(-logp[i, pos, torch.tensor(cont)].mean()))
+    return out

@@ -47,6 +47,8 @@ class DataSection:
     """First index of the new facts in `facts` (disjoint from the known ones)."""
     num_background_facts: int = 200
     """Statements of other facts (after the new ones) mixed into the background stream (DESIGN.md 8)."""
+    background_offset: int = -1
+    """First index of the background facts in `facts`; -1 = right after the new facts."""
     fact_ratio: float = 0.5
     """Share of rows in a pretrain/background batch that are fact statements (when facts are mixed)."""
     seq_len: int = 64
@@ -81,6 +83,9 @@ class OptimSection:
     """Clip the global gradient norm to this value; 0 = off."""
     loss_reduction: str = "mean"
     """mean (per token; the lr of SGD on value rows then shrinks with tokens per step) | sum (over the global batch)."""
+    loss_on: str = "all"
+    """Finetune on facts: all (every token of the statements) | answer (only the answer's tokens, as an
+    instruction-tuning loss would; same option for every method)."""
 
 
 @dataclass
@@ -93,6 +98,9 @@ class SparseSection:
     """Every N steps verify the replicated values table is bit-identical on all ranks (0 = at the end only)."""
     background_file: str = ""
     """Optional background statistics file (save_background_indices format) overriding init_from's."""
+    count_positions: str = "all"
+    """Which positions' memory reads count for the ranking: all (every real token, the paper) | loss (only
+    positions that carry loss, e.g. the answer's with optim.loss_on=answer)."""
 
 
 @dataclass
@@ -213,6 +221,12 @@ class JobConfig:
             raise bad("optim.loss_reduction", "must be mean or sum")
         if self.optim.schedule not in ("constant", "cosine"):
             raise bad("optim.schedule", "must be constant or cosine")
+        if self.optim.loss_on not in ("all", "answer"):
+            raise bad("optim.loss_on", f"'{self.optim.loss_on}' is not one of all, answer")
+        if self.optim.loss_on == "answer" and self.data.documents:
+            raise bad("optim.loss_on", "answer needs fact learning (data.documents is set: chunks have no answer span)")
+        if self.sparse.count_positions not in ("all", "loss"):
+            raise bad("sparse.count_positions", f"'{self.sparse.count_positions}' is not one of all, loss")
         for key in ("seq_len", "batch_size", "num_paraphrases", "passes"):
             if getattr(self.data, key) < 1:
                 raise bad(f"data.{key}", "must be >= 1")

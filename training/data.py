@@ -47,15 +47,21 @@ class Facts:
 def load_facts(config) -> Facts:
     d = config.data
     records = load_source("triviaqa", data_path(d.facts, key="data.facts"))
-    start_bg = d.fact_offset + d.num_new_facts
-    need = max(d.num_known_facts, start_bg + d.num_background_facts)
+    end_new = d.fact_offset + d.num_new_facts
+    start_bg = end_new if d.background_offset < 0 else d.background_offset
+    need = max(d.num_known_facts, end_new, start_bg + d.num_background_facts)
     if len(records) < need:
         raise ValueError(f"config key 'data.facts': {d.facts} has {len(records)} facts, the config needs {need} "
-                         "(num_known_facts, fact_offset + num_new_facts + num_background_facts)")
+                         "(num_known_facts, fact_offset + num_new_facts, background_offset + num_background_facts)")
     if d.num_known_facts > d.fact_offset:
         raise ValueError("config key 'data.fact_offset' must be >= data.num_known_facts (new facts must be "
                          "disjoint from known ones)")
-    return Facts(known=records[:d.num_known_facts], new=records[d.fact_offset:start_bg],
+    if d.num_background_facts and (start_bg < d.num_known_facts
+                                   or (start_bg < end_new and start_bg + d.num_background_facts > d.fact_offset)):
+        raise ValueError(f"config key 'data.background_offset'={d.background_offset}: the background facts "
+                         f"[{start_bg}, {start_bg + d.num_background_facts}) overlap the known [0, {d.num_known_facts}) "
+                         f"or new [{d.fact_offset}, {end_new}) facts; they must be disjoint")
+    return Facts(known=records[:d.num_known_facts], new=records[d.fact_offset:end_new],
                  background=records[start_bg:start_bg + d.num_background_facts])
 
 
@@ -114,7 +120,8 @@ def shard_rows(batch, rank: int, world_size: int):
                          f"of ranks ({world_size})")
     sl = slice(rank, None, world_size)
     return Batch(tokens=batch.tokens[sl], padding_mask=batch.padding_mask[sl], labels=batch.labels[sl],
-                 fact_id=batch.fact_id, num_truncated=batch.num_truncated)
+                 fact_id=batch.fact_id, num_truncated=batch.num_truncated,
+                 answer_mask=batch.answer_mask[sl] if batch.answer_mask is not None else None)
 
 
 def eval_sets(config, facts: Facts, stream: Any = None) -> dict[str, tuple[str, list]]:

@@ -105,13 +105,24 @@ class Stepper:
         tokens = batch.tokens.to(self.device)
         mask = batch.padding_mask.to(self.device)
         labels = batch.labels.to(self.device)
+        answer = batch.answer_mask.to(self.device) if batch.answer_mask is not None else None
+        train_labels = self._loss_labels(labels, answer)
         num_tokens = int(mask.sum())
+        num_loss_tokens = int((train_labels != IGNORE_INDEX).sum())
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         out = self.strategy.module(tokens, padding_mask=mask)
         stats: dict[str, Any] = {}
         if self.finetuner is not None and self.finetuner.args.enabled:
-            stats = self.finetuner.update_trainable_indices(out.memory_indices)
-        loss = lm_loss(out.logits, labels, reduction=self.config.optim.loss_reduction)
+            indices = out.memory_indices
+            if self.config.sparse.count_positions == "loss":
+                # only reads at positions that carry loss count (the -1 of padding means "not read")
+                keep = (train_labels != IGNORE_INDEX)[..., None]
+                indices = [i.masked_fill(~keep, -1) for i in indices]
+            stats = self.finetuner.update_trainable_indices(indices)
+        loss = lm_loss(out.logits, train_labels, reduction=self.config.optim.loss_reduction)
+        if num_loss_tokens == 0:   # this rank's rows hold no answer: contribute a zero loss, keep collectives
+            loss = out.logits.sum() * 0.0
+        split = _answer_split(out.logits, labels, answer) if answer is not None else {}
         if nan_fault:
             loss = loss * float("nan")
         # a non-finite loss on any rank stops every rank together, before any update
@@ -139,8 +150,36 @@ class Stepper:
             self.values_optimizer.step()
             self.values_optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        per_token = loss.item() / (num_tokens * world if self.config.optim.loss_reduction == "sum" else 1)
+        per_token = loss.item() / (max(num_loss_tokens, 1) * world if self.config.optim.loss_reduction == "sum" else 1)
         metrics = {"train/loss": per_token, "train/lr": lr, "train/grad_norm": grad_norm,
                    "train/step_time_s": elapsed, "train/tokens_per_s": num_tokens * world / max(elapsed, 1e-9)}
         metrics.update({f"sparse_update/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        metrics.update(split)
         return metrics
+
+    def _loss_labels(self, labels: torch.Tensor, answer: torch.Tensor | None) -> torch.Tensor:
+        if self.config.optim.loss_on != "answer" or self.config.stage != "finetune":
+            return labels
+        if answer is None:
+            raise ValueError("config key 'optim.loss_on': answer needs batches with an answer span (fact learning)")
+        return labels.masked_fill(~answer, IGNORE_INDEX)
+
+
+@torch.no_grad()
+def _answer_split(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tensor) -> dict[str, float]:
+    """Mean next-token loss on the fact's own rows over the answer's tokens and over the other tokens,
+    over the global batch (whatever optim.loss_on trains on): shows whether a step teaches the answer."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                         reduction="none").view_as(labels)
+    real = labels != IGNORE_INDEX
+    ans, other = real & answer, real & ~answer
+    sums = torch.tensor([float(ce[ans].sum()), float(ans.sum()), float(ce[other].sum()), float(other.sum())],
+                        dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    out = {}
+    if sums[1] > 0:
+        out["train/loss_answer"] = float(sums[0] / sums[1])
+    if sums[3] > 0:
+        out["train/loss_other"] = float(sums[2] / sums[3])
+    return out

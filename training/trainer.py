@@ -6,6 +6,7 @@ checkpoint -> loop -> close.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -17,12 +18,13 @@ import torch
 import yaml
 
 from evaluation import build_summary, write_summary
-from evaluation.memory_diagnostics import HIGH_DF_FRACTION, usage_stats
+from data_pipeline.facts import eval_prompt
+from evaluation.memory_diagnostics import HIGH_DF_FRACTION, ReadRecorder, memory_health, prompt_reads, usage_stats
 from sparse_update import SparseMemoryFinetuner
 from training import checkpoint as C
 from training import faults, signals
 from training import distributed as D
-from training.diagnostics import FactDiagnostics
+from training.diagnostics import FactDiagnostics, GradTap
 from training.evaluate_checkpoint import evaluate_module
 from training.data import eval_sets, finetune_stream, load_facts, load_tokenizer, lm_stream, shard_rows
 from training.metrics import MetricsLogger, memory_scalars
@@ -96,6 +98,9 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         stream = lm_stream(config, tokenizer, mixed, rank=dist_info.rank, world_size=dist_info.world_size)
 
     # ---- optimizers + sparse_update hooks --------------------------------------------------------------
+    fact_diagnostics = (config.stage == "finetune" and not config.data.documents and config.logging.memory_diagnostics)
+    # before the finetuner: its backward hook masks the gradient, the tap must see it unmasked
+    grad_tap = GradTap(values) if fact_diagnostics and plan.values_sgd and values is not None else None
     finetuner = SparseMemoryFinetuner(plan.sparse_args, values) if values is not None else None
     values_opt = None
     if plan.train_values and values is not None:
@@ -146,15 +151,17 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     # ---- the loop ------------------------------------------------------------------------------------------
     if config.stage == "background":
         return _background(config, dist_info, run_dir, log, stop, model, strategy, finetuner, stream,
-                           values, step, t_start)
+                           values, step, t_start, tokenizer=tokenizer, facts=facts)
     total = _total_steps(config, stream)
     stepper = Stepper(config=config, strategy=strategy, finetuner=finetuner, values=values,
                       values_optimizer=values_opt, device=dist_info.device, total_steps=total)
     sets = eval_sets(config, facts, stream) if config.stage == "finetune" else {}
     diagnostics = None
-    if config.stage == "finetune" and not config.data.documents and config.logging.memory_diagnostics:
+    if fact_diagnostics:
         diagnostics = FactDiagnostics(model=strategy.module, tokenizer=tokenizer, facts=facts, finetuner=finetuner,
-                                      device=dist_info.device, max_known=config.eval.max_items)
+                                      device=dist_info.device, max_known=config.eval.max_items, grad_tap=grad_tap,
+                                      eval_options={"batch_size": config.eval.batch_size,
+                                                    "max_new_tokens": config.eval.max_new_tokens})
         diag_before = diagnostics.before()
         log.log(step, diag_before, kind="diagnostics", console=False)
     before = _load_before(run_dir) if step > 0 else None
@@ -195,7 +202,7 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
             with torch.no_grad():
                 values[0] += 1e-3
         if diagnostics is not None:
-            metrics.update(diagnostics.step(batch.fact_id))
+            metrics.update(diagnostics.step(batch.fact_id, step + 1))
         if not torch.isfinite(torch.tensor(metrics["train/loss"])):
             raise FloatingPointError(f"the loss is not finite at step {step + 1}; stopped before updating. The last good "
                                      f"checkpoint is kept in {run_dir / 'checkpoints'}; lower optim.lr and resume")
@@ -235,8 +242,10 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     summary["final_train_loss"] = metrics.get("train/loss")
     summary["values_replicas_identical"] = True   # check_replicas above raised otherwise
     if diagnostics is not None:
-        summary["diagnostics"] = {**diag_before, **diagnostics.after(updated_rows if plan.train_values else None)}
-        log.log(step, summary["diagnostics"], kind="diagnostics", console=False)
+        summary["diagnostics"] = {**diag_before, **diagnostics.after(updated_rows if plan.train_values else None,
+                                                                     step=step)}
+        log.log(step, {k: v for k, v in summary["diagnostics"].items() if isinstance(v, (int, float))},
+                kind="diagnostics", console=False)
     if dist_info.is_main:
         write_summary(run_dir / "summary.json", summary)
     log.flush()
@@ -244,8 +253,11 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     return summary
 
 
+HEALTH_WEIGHT_BATCHES = 50   # background batches whose read weights feed health/topk_exp_entropy
+
+
 def _background(config, dist_info, run_dir, log, stop, model, strategy, finetuner, stream, values, step,
-                t_start) -> dict:
+                t_start, *, tokenizer, facts) -> dict:
     num = config.sparse.background_batches
     if config.max_steps:
         num = min(num, config.max_steps)
@@ -254,11 +266,15 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
     total_counts = torch.zeros(values.shape[0], dtype=torch.int64)
     strategy.module.eval()
     progress = _progress(config, dist_info, num, 0)
+    weights = []
     with torch.no_grad():
         for i in range(num):
             batch = next(stream)
-            out = strategy.module(batch.tokens.to(dist_info.device),
-                                  padding_mask=batch.padding_mask.to(dist_info.device))
+            with ReadRecorder(strategy.module) if i < HEALTH_WEIGHT_BATCHES else contextlib.nullcontext() as recorder:
+                out = strategy.module(batch.tokens.to(dist_info.device),
+                                      padding_mask=batch.padding_mask.to(dist_info.device))
+                if recorder is not None:
+                    weights.append(recorder.weights()[batch.padding_mask.cpu()])
             total_counts += tracker.add_batch_indices(out.memory_indices).cpu().to(torch.int64)
             if progress is not None:
                 progress.update(1)
@@ -269,6 +285,14 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
     diag = {f"memory/{k}": v for k, v in usage_stats(total_counts).items()}
     diag["memory/high_df_slots_frac"] = float((df >= HIGH_DF_FRACTION * num).float().mean())
     log.log(num, diag, kind="background")
+    # memory health (the gate before a finetune sweep): background usage + the facts' evaluation-prompt reads
+    reads = {name: prompt_reads(strategy.module, tokenizer, [eval_prompt(r) for r in records], device=dist_info.device)
+             for name, records in (("known", facts.known), ("new", facts.new))}
+    health = memory_health(total_counts=total_counts, document_frequency=tracker.document_frequency,
+                           num_batches=tracker.num_batches, known=reads["known"], new=reads["new"],
+                           background_weights=torch.cat(weights) if weights else None,
+                           k=model.config.memory.k)
+    log.log(num, {k: v for k, v in health.items() if isinstance(v, (int, float))}, kind="health", console=False)
     C.save_checkpoint(run_dir, num, strategy=strategy, values=values, values_optimizer=None,
                       sparse_state=finetuner.state_dict(),
                       trainer_state={"stage": "background", "method": "-", "fingerprint": config.fingerprint()},
@@ -277,6 +301,7 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
     summary = build_summary(stage="background", method="-", steps=num, wall_time_s=time.time() - t_start,
                             trainable_params_per_step=0, before=None, after=None)
     summary["background"] = {"num_batches": tracker.num_batches, **diag}
+    summary["health"] = health
     if dist_info.is_main:
         write_summary(run_dir / "summary.json", summary)
     D.close()

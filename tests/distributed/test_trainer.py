@@ -39,6 +39,15 @@ def test_background_records_document_frequencies(runs):
     assert df.max() <= 3 and df.sum() > 0
     # the model weights are carried over unchanged from the pretrain checkpoint
     assert torch.equal(values_of(bg), values_of(runs / "pre"))
+    # the memory-health gate is part of the stage's output (issue 17): usage, top-k sharpness, low-DF
+    # share of the facts' answer reads, slot sharing, and each target with its verdict
+    health = summary(bg)["health"]
+    assert 0 < health["health/slots_read_frac"] <= 1
+    assert 1 <= health["health/topk_exp_entropy"] <= health["health/topk_k"]
+    assert 0 <= health["health/new_answer_weight_low_df"] <= 1
+    assert health["health/known_answer_slots_per_fact"] > 0
+    assert set(health["health/targets"]) == {"slots_read_frac", "answer_weight_low_df", "jaccard_new_known_max"}
+    assert all(isinstance(t["met"], bool) for t in health["health/targets"].values())
 
 
 def test_sparse_finetune_keeps_replicas_identical_and_moves_only_selected_rows(runs):
@@ -122,3 +131,32 @@ def test_tensorboard_event_files_hold_the_scalars(runs):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert acc.Scalars("train/loss")[0].value == pytest.approx(losses(ft)[1])
+
+
+def test_answer_only_loss_and_loss_position_counts(runs):
+    """--optim.loss_on=answer --sparse.count_positions=loss on 2 ranks: the ranking sees only the reads at
+    answer positions (far fewer slots than all positions), only selected rows move, and the summary carries
+    the paper-regime diagnostics (answer NLL, answer/other training loss, F1 by steps since the update,
+    overlap of the selection with memory_all's largest moves)."""
+    common = ["--config", "recipes/configs/tiny_fact_learning.yaml", f"--init_from={runs / 'bg'}",
+              "--method=memory_all", "--optim.lr=50", *SMALL]
+    answer, every = runs / "ft_answer", runs / "ft_answer_all_positions"
+    train(*common, f"--output_dir={answer}", "--optim.loss_on=answer", "--sparse.count_positions=loss")
+    train(*common, f"--output_dir={every}", "--optim.loss_on=answer", "--sparse.count_positions=all")
+    rows = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                        if json.loads(l)["kind"] == "train"]
+    a, e = rows(answer), rows(every)
+    assert len(a) == len(e) == 4
+    for ra, re_ in zip(a, e):
+        assert 0 < ra["sparse_update/accessed"] < re_["sparse_update/accessed"]
+        assert {"train/loss_answer", "train/loss_other"} <= set(ra)
+    s = summary(answer)
+    assert "new_facts/answer_nll" in s["metrics"] and s["metrics"]["new_facts/answer_nll"]["before"] > 0
+    curve = s["diagnostics"]["new_facts/f1_by_steps_since_update"]
+    assert sum(b["num_facts"] for b in curve) == 4
+    # memory_all with all positions counted selects every row it reads: exactly memory_all's moves. Counting
+    # only the answer positions misses rows read earlier that still get gradient through attention.
+    assert summary(every)["diagnostics"]["memory/topt_overlap_memory_all_mean"] == 1.0
+    assert 0 < s["diagnostics"]["memory/topt_overlap_memory_all_mean"] < 1.0
+    changed = (values_of(runs / "bg") != values_of(answer)).any(dim=1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(load_tree(answer / "updated_rows.safetensors")["rows"].tolist())

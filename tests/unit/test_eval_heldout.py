@@ -138,7 +138,7 @@ def test_known_facts_retention_is_qa_f1() -> None:
     model = OracleLM(tok, {"Q1": " Paris", "Q2": " Rome"})
     records = [QA("1", "Q1", ["Paris"]), QA("2", "Q2", ["Milan"])]
     out = known_facts_retention(model, tok, records, batch_size=2, prompt_fn=lambda r: r.question)
-    assert out == {"f1": 0.5, "em": 0.5}
+    assert {k: out[k] for k in ("f1", "em")} == {"f1": 0.5, "em": 0.5}
 
 
 def test_training_mode_restored_and_results_deterministic() -> None:

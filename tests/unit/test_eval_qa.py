@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_fakes import QA, CharTokenizer, OracleLM, SimpleQA  # noqa: E402
@@ -73,7 +74,29 @@ def test_qa_scores_by_generation() -> None:
         assert out["f1"] == pytest.approx(expected_f1)
         assert out["em"] == pytest.approx(expected_em)
     out = qa_scores(model, tok, records, batch_size=2, max_items=2, prompt_fn=lambda r: r.question)
-    assert out == {"f1": 1.0, "em": 1.0}
+    assert {k: out[k] for k in ("f1", "em")} == {"f1": 1.0, "em": 1.0}
+
+
+def test_qa_answer_nll_is_the_teacher_forced_nll_of_the_gold_answer() -> None:
+    """answer_nll (and per-item values) equal a direct computation: -log p(" " + answer | prompt)
+    averaged over the answer's tokens, then over questions; independent of the batch size."""
+    from eval_fakes import PrefixMeanLM
+    tok = CharTokenizer()
+    model = PrefixMeanLM(tok.vocab_size, seed=3).eval()
+    records = [QA("1", "Q1:", ["ab"]), QA("2", "Longer Q2:", ["xyz", "alias"]), QA("3", "Q3:", ["c"])]
+    expected = []
+    for r in records:
+        ctx = tok.encode(r.question, bos=True)
+        ids = tok.encode(r.question + " " + r.answers[0], bos=True)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits.float(), dim=-1)[0]
+        expected.append(-sum(float(logp[j - 1, ids[j]]) for j in range(len(ctx), len(ids))) / (len(ids) - len(ctx)))
+    for batch_size in (1, 3):
+        out = qa_scores(model, tok, records, batch_size=batch_size, prompt_fn=lambda r: r.question,
+                        max_new_tokens=3, return_items=True)
+        assert out["answer_nll"] == pytest.approx(sum(expected) / 3, rel=1e-5)
+        assert [item["answer_nll"] for item in out["items"]] == pytest.approx(expected, rel=1e-5)
+        assert len({round(e, 4) for e in expected}) == 3    # the three questions differ: the test can fail
 
 
 def test_qa_scores_simpleqa_records_and_errors() -> None:
@@ -81,7 +104,7 @@ def test_qa_scores_simpleqa_records_and_errors() -> None:
     model = OracleLM(tok, {"Who?": " Ada Lovelace"})
     out = qa_scores(model, tok, [SimpleQA("s", "Who?", "Ada Lovelace")], batch_size=4,
                     prompt_fn=lambda r: r.question)
-    assert out == {"f1": 1.0, "em": 1.0}
+    assert {k: out[k] for k in ("f1", "em")} == {"f1": 1.0, "em": 1.0}
     with pytest.raises(ValueError, match="no records"):
         qa_scores(model, tok, [], batch_size=4, prompt_fn=lambda r: r.question)
     with pytest.raises(ValueError, match="batch_size"):

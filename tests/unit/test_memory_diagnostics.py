@@ -54,3 +54,68 @@ def test_coverage_share_and_usage_numbers() -> None:
     assert stats["slots_used_frac"] == 0.5
     assert stats["usage_entropy"] == pytest.approx(torch.log(torch.tensor(2.0)).item())
     assert stats["usage_kl_uniform"] == pytest.approx(torch.log(torch.tensor(2.0)).item())
+
+
+# ---------------------------------------------------------------- memory health (issue 17)
+def test_read_recorder_weights_are_the_layers_own_softmax(setup) -> None:
+    """prompt_reads' weights are each memory layer's top-k softmax at the slots memory_indices reports:
+    every head's k weights sum to 1, and re-scoring the layer input gives the same numbers."""
+    from evaluation.memory_diagnostics import prompt_reads
+    model, tok = setup
+    reads = prompt_reads(model, tok, PROMPTS, device=torch.device("cpu"), batch_size=3)
+    for prompt, r in zip(PROMPTS, reads):
+        assert r["last_weights"].shape == r["last_slots"].shape == (2 * 2 * 4,)
+        sums = r["last_weights"].view(-1, 4).sum(dim=1)      # (layers*heads) groups of k=4
+        assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5)
+        n = len(tok.encode(prompt, bos=True))
+        assert r["all_slots"].numel() == r["all_weights"].numel() == n * 16
+    # the recorded weights follow the slots: the top weight of each head is its first (best-scored) slot
+    w = reads[0]["all_weights"].view(-1, 4)
+    assert bool((w[:, 0] >= w.max(dim=1).values - 1e-6).all())
+
+
+def test_health_statistics_by_hand() -> None:
+    from evaluation.memory_diagnostics import jaccard_stats, memory_health, topk_exp_entropy
+    # exp-entropy: a flat read of k=4 -> 4; a one-hot read -> 1; padding rows (all 0) are skipped
+    w = torch.tensor([[0.25, 0.25, 0.25, 0.25, 1.0, 0.0, 0.0, 0.0], [0, 0, 0, 0, 0, 0, 0, 0]])
+    assert topk_exp_entropy(w, 4) == pytest.approx((4 + 1) / 2)
+    a = [torch.tensor([1, 2, 3]), torch.tensor([3, 4])]
+    b = [torch.tensor([1, 2, 3]), torch.tensor([9])]
+    s = jaccard_stats(a, b)
+    # pairs: (a0,b0)=1, (a0,b1)=0, (a1,b0)=1/4, (a1,b1)=0 -> mean 1.25/4; max per a: 1, 1/4
+    assert s["mean"] == pytest.approx(1.25 / 4) and s["mean_max"] == pytest.approx((1 + 0.25) / 2)
+    assert jaccard_stats(a)["mean"] == pytest.approx(1 / 4)
+    # health: N=16 slots, 10 background batches; slots 0-3 read by every batch (high DF), 4-7 by none
+    counts = torch.zeros(16, dtype=torch.int64)
+    counts[:8] = 5
+    df = torch.zeros(16, dtype=torch.int32)
+    df[:4] = 10
+    read = lambda slots, weights: {"last_slots": torch.tensor(slots), "last_weights": torch.tensor(weights),  # noqa: E731
+                                   "all_slots": torch.tensor(slots), "all_weights": torch.tensor(weights)}
+    new = [read([0, 4], [0.2, 0.8]), read([1, 5], [0.5, 0.5])]
+    known = [read([4, 6], [0.5, 0.5]), read([2, 7], [0.9, 0.1])]
+    h = memory_health(total_counts=counts, document_frequency=df, num_batches=10, known=known, new=new,
+                      background_weights=None, k=2)
+    assert h["health/slots_read_frac"] == pytest.approx(0.5)
+    assert h["health/new_answer_lookups_low_df"] == pytest.approx(0.5)
+    assert h["health/new_answer_weight_low_df"] == pytest.approx((0.8 + 0.5) / 2)
+    assert h["health/known_answer_slots_per_fact"] == pytest.approx(4 / 2)
+    assert h["health/known_facts_per_answer_slot"] == pytest.approx(1.0)
+    # new0 {0,4} vs known0 {4,6}: 1/3; every other new-known pair 0 -> mean max (1/3 + 0) / 2
+    assert h["health/jaccard_new_known_max"] == pytest.approx(1 / 6)
+    targets = h["health/targets"]
+    assert targets["slots_read_frac"]["met"] is False and targets["answer_weight_low_df"]["met"] is True
+
+
+def test_selection_vs_memory_all_and_forgetting_curve() -> None:
+    from evaluation.memory_diagnostics import f1_by_steps_since_update, selection_vs_largest_rows
+    rows = torch.tensor([2, 5, 7, 9])
+    sq = torch.tensor([1.0, 4.0, 3.0, 2.0])         # largest: 5, 7
+    got = selection_vs_largest_rows(torch.tensor([5, 9]), rows, sq)
+    assert got["memory/topt_overlap_memory_all"] == pytest.approx(0.5)
+    assert got["memory/topt_grad_mass"] == pytest.approx(6 / 10)
+    bins = f1_by_steps_since_update([0, 1, 2, 3, 4, 5, 6, 7], [1, 1, 1, 0, 0, 1, 0, 0], num_bins=4)
+    assert [b["steps_since"] for b in bins] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [b["f1"] for b in bins] == [1.0, 0.5, 0.5, 0.0]
+    with pytest.raises(ValueError):
+        f1_by_steps_since_update([1], [0.5, 0.5])
