@@ -14,6 +14,7 @@ call these functions on all ranks alike.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -51,25 +52,8 @@ def prompt_lookups(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *,
     """For each prompt: (slots read at its last token, slots read at any of its tokens). A memory layer
     below the top can store a fact at the question's tokens, from where attention carries it to the
     answer position; the second set shows whether a selection reaches those slots."""
-    was_training = model.training
-    model.eval()
-    out: list[tuple[Tensor, Tensor]] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            rows = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + batch_size]]
-            width = max(len(r) for r in rows)
-            tokens = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.bool)
-            for i, r in enumerate(rows):
-                tokens[i, width - len(r):] = torch.tensor(r)
-                mask[i, width - len(r):] = True
-            result = model(tokens.to(device), padding_mask=mask.to(device))
-            every = torch.cat(list(result.memory_indices), dim=-1).cpu()       # (B, T, layers*heads*k)
-            for i, r in enumerate(rows):
-                out.append((every[i, -1], every[i, width - len(r):].flatten()))
-    finally:
-        model.train(was_training)
-    return out
+    reads = prompt_reads(model, tokenizer, prompts, device=device, batch_size=batch_size, weights=False)
+    return [(r["last_slots"], r["all_slots"]) for r in reads]
 
 
 def high_df_share(lookups: Sequence[Tensor], document_frequency: Tensor, num_batches: int,
@@ -180,14 +164,15 @@ class ReadRecorder:
 
 @torch.no_grad()
 def prompt_reads(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, device: torch.device,
-                 batch_size: int = 16) -> list[dict[str, Tensor]]:
+                 batch_size: int = 16, weights: bool = True) -> list[dict[str, Tensor]]:
     """Per prompt: slots and softmax weights read at its last token (``last_slots``, ``last_weights``) and at
-    all its tokens (``all_slots``, ``all_weights``). Same forwards on every rank (call on all ranks)."""
+    all its tokens (``all_slots``, ``all_weights``; without ``weights`` only the slots, no extra lookup).
+    Left-padded batches; same forwards on every rank (call on all ranks)."""
     was_training = model.training
     model.eval()
     out: list[dict[str, Tensor]] = []
     try:
-        with ReadRecorder(model) as recorder:
+        with ReadRecorder(model) if weights else contextlib.nullcontext() as recorder:
             for start in range(0, len(prompts), batch_size):
                 rows = [tokenizer.encode(p, bos=True, eos=False) for p in prompts[start:start + batch_size]]
                 width = max(len(r) for r in rows)
@@ -197,12 +182,13 @@ def prompt_reads(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, de
                     tokens[i, width - len(r):] = torch.tensor(r)
                     mask[i, width - len(r):] = True
                 result = model(tokens.to(device), padding_mask=mask.to(device))
-                slots = torch.cat(list(result.memory_indices), dim=-1).cpu()
-                weights = recorder.weights()
+                slots = torch.cat(list(result.memory_indices), dim=-1).cpu()   # (B, T, layers*heads*k)
+                read = recorder.weights() if recorder is not None else None
                 for i, r in enumerate(rows):
-                    out.append({"last_slots": slots[i, -1], "last_weights": weights[i, -1],
-                                "all_slots": slots[i, width - len(r):].flatten(),
-                                "all_weights": weights[i, width - len(r):].flatten()})
+                    entry = {"last_slots": slots[i, -1], "all_slots": slots[i, width - len(r):].flatten()}
+                    if read is not None:
+                        entry.update(last_weights=read[i, -1], all_weights=read[i, width - len(r):].flatten())
+                    out.append(entry)
     finally:
         model.train(was_training)
     return out

@@ -1,13 +1,20 @@
 """`make demo`: the paper's experiment in miniature, end to end, through the same stages users run at scale.
 
-    python recipes/demo.py [--out runs/demo] [--nproc 2] [--quick] [--fresh-base]
+    python recipes/demo.py [--world synthetic|triviaqa] [--out runs/demo] [--nproc 2] [--quick] [--fresh-base]
 
-1. pretrain the tiny model on prose + "known" TriviaQA facts (cached in OUT/base: reused when complete);
-2. background statistics over prose + statements of other facts (cached in OUT/background);
-3. learn a stream of new facts with sparse, tf_only, full and lora, a small lr sweep each
-   (recipes/sweep.py, preset `demo`; re-run every time, one run directory per point);
-4. every run evaluates new-fact F1 (learning), known-fact F1, held-out prose NLL, GSM8K NLL and
-   HellaSwag accuracy (forgetting) before and after (its summary.json);
+--world synthetic (default): the synthetic knowledge world of data_pipeline/world.py (people with
+   two-token names, three relations with one-token answers; generated into data/world/ when missing),
+   configs recipes/configs/world/, sweep preset `world`. A miniature in which a fact is learnable
+   from a few statements and has one right answer (see the README for why it is synthetic).
+--world triviaqa: the real-TriviaQA miniature (recipes/configs/demo/, preset `demo`), kept with its result.
+
+1. pretrain the tiny model on prose + the "known" facts (cached in OUT/base: reused when complete);
+2. background statistics over prose + statements of other facts (cached in OUT/background); its
+   summary holds the memory-health gate (health/*), printed before any finetune;
+3. learn a stream of new facts with every method, a small lr sweep each (recipes/sweep.py;
+   re-run every time, one run directory per point);
+4. every run evaluates new-fact F1 (learning), known-fact F1 and held-out prose NLL (forgetting; the
+   TriviaQA world adds GSM8K NLL and HellaSwag accuracy) before and after (its summary.json);
 5. print a table, write OUT/pareto.png, OUT/pareto_nll.png and OUT/results.md.
 
 `--quick` is the cut-down version the end-to-end test runs (a few steps and facts, same code path).
@@ -25,12 +32,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "recipes" / "configs" / "demo"
+WORLDS = {  # world -> (config folder, sweep preset, the data file that must exist)
+    "synthetic": (REPO / "recipes" / "configs" / "world", "world", REPO / "data" / "world" / "facts.jsonl"),
+    "triviaqa": (REPO / "recipes" / "configs" / "demo", "demo", REPO / "data" / "triviaqa_validation.jsonl"),
+}
 QUICK = ["--data.num_known_facts=16", "--data.fact_offset=16", "--data.num_new_facts=2",
          "--data.num_background_facts=16", "--data.num_paraphrases=4", "--data.passes=1", "--data.batch_size=8",
          "--eval.max_items=4", "--eval.max_new_tokens=4", "--eval.batch_size=4", "--checkpoint.interval=0"]
-QUICK_DATA = ["--data.text=[data_pipeline/samples/prose_sample.jsonl.zst]",
-              "--data.facts=data_pipeline/samples/triviaqa_validation_sample.jsonl",
+QUICK_TEXT = ["--data.text=[data_pipeline/samples/prose_sample.jsonl.zst]"]
+QUICK_DATA = ["--data.facts=data_pipeline/samples/triviaqa_validation_sample.jsonl",
               "--eval.gsm8k=data_pipeline/samples/gsm8k_test_sample.jsonl",
               "--eval.hellaswag=data_pipeline/samples/hellaswag_val_sample.jsonl"]
 COLUMNS = [("new_facts/f1", "new F1"), ("known_facts/f1", "known F1"), ("heldout_text/nll", "prose NLL"),
@@ -88,9 +98,8 @@ def table(runs: list[tuple[str, dict]]) -> str:
 
 
 def diagnostics_table(runs: list[tuple[str, dict]]) -> str:
-    keys = ["memory/new_answer_lookups_high_df", "memory/known_answer_lookups_high_df",
-            "memory/answer_slot_coverage_mean", "memory/prompt_slot_coverage_mean",
-            "memory/known_answer_lookups_in_updated_rows", "memory/updated_rows"]
+    keys = ["memory/new_answer_lookups_high_df", "memory/answer_slot_coverage_mean", "memory/prompt_slot_coverage_mean",
+            "memory/topt_overlap_memory_all_mean", "memory/known_answer_lookups_in_updated_rows", "memory/updated_rows"]
     lines = ["| run | " + " | ".join(k.split("/", 1)[1] for k in keys) + " |", "|" + "---|" * (1 + len(keys))]
     for name, s in runs:
         d = s.get("diagnostics", {})
@@ -99,19 +108,49 @@ def diagnostics_table(runs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+HEALTH_KEYS = ["slots_read_frac", "usage_entropy", "usage_entropy_max", "topk_exp_entropy", "new_answer_weight_low_df",
+               "known_answer_weight_low_df", "known_facts_per_answer_slot", "jaccard_new_known_max",
+               "jaccard_lowdf_prompt_new_known_max"]
+
+
+def health_lines(health: dict) -> list[str]:
+    """The memory-health gate of the base (background stage summary), as a table and the targets' verdicts."""
+    if not health:
+        return ["(no health numbers in the background summary)"]
+    lines = ["| " + " | ".join(HEALTH_KEYS) + " |", "|" + "---|" * len(HEALTH_KEYS),
+             "| " + " | ".join(fmt(health.get(f"health/{k}")) for k in HEALTH_KEYS) + " |", ""]
+    for key, t in health.get("health/targets", {}).items():
+        lines.append(f"- {key}: {fmt(t['value'])} (target {t['target']}): {'met' if t['met'] else 'NOT met'}")
+    return lines
+
+
+def ensure_world() -> None:
+    """Write data/world/ (deterministic, no download) when it is missing."""
+    if not WORLDS["synthetic"][2].is_file():
+        subprocess.run([sys.executable, "-m", "data_pipeline.world", "--out", str(REPO / "data" / "world")],
+                       cwd=REPO, check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--world", choices=sorted(WORLDS), default="synthetic",
+                    help="synthetic (default): the generated knowledge world; triviaqa: the real-TriviaQA miniature")
+    ap.add_argument("--out", default=None, help="default runs/demo (synthetic) or runs/demo_triviaqa")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="cut-down run (tests): few steps, facts and points")
     ap.add_argument("--fresh-base", action="store_true", help="retrain the cached base and background")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = "runs/demo" if args.world == "synthetic" else "runs/demo_triviaqa"
+    configs, preset, needed = WORLDS[args.world]
     out = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "demo.log"
     t_start = time.time()
-    extra = QUICK + QUICK_DATA if args.quick else []
-    if not args.quick and not (REPO / "data" / "triviaqa_validation.jsonl").is_file():
+    if args.world == "synthetic":
+        ensure_world()
+    extra = (QUICK + QUICK_TEXT + (QUICK_DATA if args.world == "triviaqa" else [])) if args.quick else []
+    if not args.quick and not (needed.is_file() and (REPO / "data" / "prose.jsonl.zst").is_file()):
         raise SystemExit("demo: data/ is missing; run `make data` (or `make demo`, which does it)")
     base, background, sweep = out / "base", out / "background", out / "finetune"
     if args.fresh_base:
@@ -123,22 +162,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== 1/3 pretrain: reusing the cached base model in {base}", flush=True)
     else:
         steps = ["--max_steps=4"] if args.quick else []
-        timings["pretrain"] = stage("1/3 pretrain the tiny base model", [*train, "--config", str(CONFIGS / "pretrain.yaml"),
+        timings["pretrain"] = stage("1/3 pretrain the tiny base model", [*train, "--config", str(configs / "pretrain.yaml"),
                                     f"--output_dir={base}", *steps, *extra], log)
     if finished(background):
         print(f"=== 2/3 background: reusing {background}", flush=True)
     else:
         batches = ["--sparse.background_batches=3"] if args.quick else []
-        timings["background"] = stage("2/3 background statistics", [*train, "--config", str(CONFIGS / "background.yaml"),
+        timings["background"] = stage("2/3 background statistics", [*train, "--config", str(configs / "background.yaml"),
                                       f"--output_dir={background}", f"--init_from={base}", *batches, *extra], log)
+    health = json.loads((background / "summary.json").read_text()).get("health", {})
+    print("\n=== memory health of the base (the gate before a finetune sweep)\n" + "\n".join(health_lines(health)),
+          flush=True)
     shutil.rmtree(sweep, ignore_errors=True)
     # quick: one point per method instead of the preset's lr sweep
-    grid = (["--base-config", str(CONFIGS / "fact_learning.yaml"), "--grid", "method=sparse lr=100 t=50",
-             "--grid", "method=full lr=1e-4", "--grid", "method=lora lr=1e-3", "--grid", "method=tf_only lr=100 t=50"]
-            if args.quick else ["--preset", "demo"])
+    grid = (["--base-config", str(configs / "fact_learning.yaml"), "--grid", "method=sparse lr=100 t=50",
+             "--grid", "method=full lr=1e-4", "--grid", "method=lora lr=1e-3", "--grid", "method=tf_only lr=100 t=50",
+             "--grid", "method=memory_all lr=100"]
+            if args.quick else ["--preset", preset])
     sweep_cmd = [sys.executable, str(REPO / "recipes" / "sweep.py"), *grid, f"--init_from={background}",
                  f"--out={sweep}", f"--nproc={args.nproc}", *extra]
-    timings["finetune sweep"] = stage("3/3 learn new facts: sparse, tf_only, full, lora (lr sweep)", sweep_cmd, log)
+    timings["finetune sweep"] = stage("3/3 learn new facts: sparse, tf_only, memory_all, full, lora (lr sweep)",
+                                      sweep_cmd, log)
 
     runs = []
     for run_dir in sorted(p for p in sweep.iterdir() if finished(p)):
@@ -154,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     bg = json.loads((background / "summary.json").read_text()).get("background", {})
     total = time.time() - t_start
     results = "\n".join([
-        "# Sparse memory finetuning demo — results", "",
-        f"Command: `make demo` (`python recipes/demo.py --out {args.out} --nproc {args.nproc}"
+        f"# Sparse memory finetuning demo ({args.world} world) — results", "",
+        f"Command: `python recipes/demo.py --world {args.world} --out {args.out} --nproc {args.nproc}"
         f"{' --quick' if args.quick else ''}`), {args.nproc} ranks (torchrun, gloo), this run took {total / 60:.1f} min"
         f" ({', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())}; cached stages not counted).", "",
         "## Learning vs forgetting (before → after finetuning, relative change)", "", table(runs), "",
         "new F1: greedy QA F1 on the learned facts; known F1: facts the base was pretrained on (the stand-in for "
         "NaturalQuestions); prose NLL: held-out prose never trained on; GSM8K NLL of gold solutions; HellaSwag acc_norm.",
-        "", "## Memory diagnostics", "",
+        "", "## Memory health of the base", "", *health_lines(health), "", "## Memory diagnostics", "",
         "Background (base model): " + ", ".join(f"{k.split('/')[-1]} = {fmt(float(v))}" for k, v in bg.items()), "",
         diagnostics_table(runs), "",
         "new/known_answer_lookups_high_df: share of the evaluation prompt's answer-position lookups in slots read by "
