@@ -19,15 +19,22 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-_ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
-_ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+# Exact (module, name) pairs only. A whole-module allowance let a protocol-4 pickle name `os.system` as
+# the dotted global "os.system" looked up through the metadata module's own `os` attribute.
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_ALLOWED = {(_DCP_METADATA, n) for n in ("BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex",
+                                         "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                                         "_MEM_FORMAT_ENCODING")}
+_ALLOWED |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
             ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
             ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED:
+        if "." in name:   # protocol 4 resolves dotted names attribute by attribute: never follow them
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)

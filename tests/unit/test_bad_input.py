@@ -21,6 +21,16 @@ class Evil:
         return (os.system, (f"touch {MARKER}",))
 
 
+def dotted_global_pickle(module: str, dotted: str, arg: str) -> bytes:
+    """A protocol-4 pickle calling `module`.`dotted`(arg): STACK_GLOBAL resolves a dotted name attribute by
+    attribute, so an allowed module's own `os` attribute reaches os.system (what a module-wide allow-list let in)."""
+    def text(s: str) -> bytes:
+        b = s.encode()
+        return b"\x8c" + bytes([len(b)]) + b                       # SHORT_BINUNICODE
+    return (b"\x80\x04" + text(module) + text(dotted) + b"\x93"   # PROTO 4, STACK_GLOBAL
+            + text(arg) + b"\x85" + b"R" + b".")                   # TUPLE1, REDUCE, STOP
+
+
 def one_line_error(proc) -> str:
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "return func" not in l]
@@ -92,6 +102,35 @@ def test_truncated_and_pickled_checkpoints_are_refused_without_executing(tmp_pat
     assert "sharded" in msg and "refusing to load" in msg
     assert not os.path.exists(MARKER)
     assert meta.read_bytes() == pickle.dumps(Evil())          # nothing overwritten
+
+
+@pytest.mark.parametrize("module,dotted", [("torch.distributed.checkpoint.metadata", "os.system"),
+                                           ("torch.distributed.checkpoint.metadata", "torch.os.system"),
+                                           ("torch", "os.system")])
+def test_dotted_global_through_an_allowed_module_is_refused(tmp_path, base, module, dotted):
+    """The DCP metadata unpickler allows exact (module, name) pairs only; a dotted name naming os.system
+    through an allowed module must neither run nor load (it ran the command before this fix)."""
+    evil = tmp_path / "evil"
+    shutil.copytree(base, evil)
+    meta = list_checkpoints(evil)[-1] / "sharded" / ".metadata"
+    payload = dotted_global_pickle(module, dotted, f"touch {MARKER}")
+    meta.write_bytes(payload)
+    if os.path.exists(MARKER):
+        os.remove(MARKER)
+    msg = one_line_error(finetune(tmp_path / "ft", init_from=evil))
+    assert "refusing to load" in msg and dotted in msg
+    assert not os.path.exists(MARKER)
+    assert meta.read_bytes() == payload
+
+
+def test_exact_allow_list_unit() -> None:
+    import io
+    from training.safe_dcp import _MetadataUnpickler
+    payload = dotted_global_pickle("torch.distributed.checkpoint.metadata", "os.system", "true")
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        _MetadataUnpickler(io.BytesIO(payload)).load()
+    from torch.distributed.checkpoint.metadata import Metadata
+    assert isinstance(_MetadataUnpickler(io.BytesIO(pickle.dumps(Metadata(state_dict_metadata={})))).load(), Metadata)
 
 
 def test_existing_run_dir_of_another_config_is_not_touched(tmp_path, base):
