@@ -70,7 +70,7 @@ def test_evaluate_writes_the_in_process_metrics(pretrain_run: Path, tmp_path: Pa
     evaluate("--checkpoint", str(pretrain_run), "--sets", ",".join(SETS), "--max_items", "4", "--out", str(out1))
     one = json.loads(out1.read_text())
     assert one["checkpoint"] == str(pretrain_run / "checkpoints" / "step_000002") and one["step"] == 2
-    expected = {f"{s}/{m}" for s in ("new_facts", "known_facts") for m in ("f1", "em")} | {"heldout_text/nll"}
+    expected = {f"{s}/{m}" for s in ("new_facts", "known_facts") for m in ("f1", "em", "answer_nll")} | {"heldout_text/nll"}
     assert set(one["metrics"]) == expected
     assert all(isinstance(v, float) and math.isfinite(v) for v in one["metrics"].values())
     assert one["metrics"]["heldout_text/nll"] > 1.0       # a 2-step model is far from the data: not vacuous
