@@ -1,7 +1,6 @@
 """Finetune-time memory diagnostics (see evaluation/memory_diagnostics.py), logged under memory/*."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -61,7 +60,6 @@ class FactDiagnostics:
                 out["memory/known_answer_lookups_high_df"] = high_df_share(self.known_lookups, df, b)
         return out
 
-
     def step(self, fact_id: str | None, step: int | None = None) -> dict[str, float]:
         """Coverage of this fact's answer slots (current model) by this step's trainable rows, and how the
         selection compares with the rows memory_all would move most (collective: every rank calls it)."""
@@ -113,19 +111,6 @@ class FactDiagnostics:
             torch.distributed.all_reduce(buf)
         norms = buf.pow(2).sum(dim=1)
         return selection_vs_largest_rows(selected.cpu(), union, norms)
-
-    def state_dict(self) -> dict[str, Any]:
-        """What after() reports depends on: restore it on resume so the summary equals an uninterrupted run's."""
-        return {"coverages": list(self.coverages), "prompt_coverages": list(self.prompt_coverages),
-                "last_update": dict(self.last_update), "overlaps": list(self.overlaps),
-                "grad_masses": list(self.grad_masses)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.coverages = [float(v) for v in state.get("coverages", [])]
-        self.prompt_coverages = [float(v) for v in state.get("prompt_coverages", [])]
-        self.last_update = {str(k): int(v) for k, v in state.get("last_update", {}).items()}
-        self.overlaps = [float(v) for v in state.get("overlaps", [])]
-        self.grad_masses = [float(v) for v in state.get("grad_masses", [])]
 
     def after(self, updated_rows: torch.Tensor | None, *, step: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
