@@ -7,7 +7,10 @@
   document frequency (generic slots, which TF-IDF ranks low);
 * coverage: how many of those answer slots a step's trainable selection contains, and how many of the
   slots read anywhere in the prompt (a mid-depth memory stores facts at the question's tokens);
-* interference: the share of known facts' answer lookups that hit rows a finetune updated.
+* interference: the share of known facts' answer lookups that hit rows a finetune updated;
+* reliance: how much the model's answers depend on the memory at all -- known-fact F1 and answer NLL
+  with every memory layer's output zeroed (:class:`memory_off`). A memory the model does not use for its
+  facts cannot be the place where sparse finetuning writes new ones.
 
 Forward passes here run on every rank with the same inputs (FSDP gathers parameters in forward), so
 call these functions on all ranks alike.
@@ -192,6 +195,61 @@ def prompt_reads(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, de
     finally:
         model.train(was_training)
     return out
+
+
+class memory_off:
+    """Context manager: every memory layer of ``model`` outputs zeros (its reads are still reported), as if
+    the layer were removed from the residual stream. An ablation for :func:`memory_reliance`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from model.memory import ProductKeyMemory
+        self.layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+        self._handles: list[Any] = []
+
+    @staticmethod
+    def _hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        out, slots = output
+        return torch.zeros_like(out), slots
+
+    def __enter__(self) -> "memory_off":
+        self._handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def memory_reliance(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, batch_size: int,
+                    device: torch.device, max_new_tokens: int, prefix: str = "known") -> dict[str, float | None]:
+    """QA F1 and answer NLL of ``records`` with the memory as it is and with it switched off
+    (:class:`memory_off`), and ``{prefix}_memory_reliance`` = the share of the F1 lost without the memory
+    (0: the facts live elsewhere; 1: only the memory holds them; None when F1 is 0). Call on every rank."""
+    from evaluation.qa import qa_scores
+
+    kwargs = dict(batch_size=batch_size, device=device, max_new_tokens=max_new_tokens)
+    on = qa_scores(model, tokenizer, records, **kwargs)
+    with memory_off(model):
+        off = qa_scores(model, tokenizer, records, **kwargs)
+    reliance = (on["f1"] - off["f1"]) / on["f1"] if on["f1"] > 0 else None   # undefined: nothing known
+    return {f"{prefix}_f1": on["f1"], f"{prefix}_f1_memory_off": off["f1"],
+            f"{prefix}_answer_nll": on["answer_nll"], f"{prefix}_answer_nll_memory_off": off["answer_nll"],
+            f"{prefix}_memory_reliance": reliance}
+
+
+RELIANCE_TARGET = 0.5
+"""A fourth gate (found on the synthetic world, docs/world_ladder.md): switching the memory off must cost
+at least half of the known facts' F1 -- otherwise the facts are stored in the dense layers."""
+
+
+def add_reliance_target(health: dict[str, Any]) -> None:
+    """Add ``memory_reliance`` (from :func:`memory_reliance`'s ``health/known_memory_reliance``) to
+    ``health["health/targets"]``."""
+    value = health.get("health/known_memory_reliance")
+    health.setdefault("health/targets", {})["memory_reliance"] = {
+        "value": value, "target": f">= {RELIANCE_TARGET}",
+        "met": bool(value is not None and not math.isnan(value) and value >= RELIANCE_TARGET)}
 
 
 def topk_exp_entropy(weights: Tensor, k: int) -> float:

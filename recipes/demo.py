@@ -110,7 +110,7 @@ def diagnostics_table(runs: list[tuple[str, dict]]) -> str:
 
 HEALTH_KEYS = ["slots_read_frac", "usage_entropy", "usage_entropy_max", "topk_exp_entropy", "new_answer_weight_low_df",
                "known_answer_weight_low_df", "known_facts_per_answer_slot", "jaccard_new_known_max",
-               "jaccard_lowdf_prompt_new_known_max"]
+               "jaccard_lowdf_prompt_new_known_max", "known_f1", "known_f1_memory_off", "known_memory_reliance"]
 
 
 def health_lines(health: dict) -> list[str]:

@@ -86,6 +86,12 @@ class OptimSection:
     loss_on: str = "all"
     """Finetune on facts: all (every token of the statements) | answer (only the answer's tokens, as an
     instruction-tuning loss would; same option for every method)."""
+    values_lr_mult: float = 1.0
+    """The memory values table's lr = optim.lr x this (every stage and method). A row is updated only
+    when read, so with AdamW the table learns far slower than dense weights at the same lr."""
+    values_weight_decay: float | None = None
+    """AdamW weight decay of the values table; None = optim.weight_decay. Dense AdamW decays every row at
+    every step, read or not."""
 
 
 @dataclass
@@ -217,6 +223,12 @@ class JobConfig:
         if self.uses_sgd and (self.optim.momentum != 0 or self.optim.weight_decay != 0):
             raise bad("optim.momentum" if self.optim.momentum else "optim.weight_decay",
                       f"must be 0 with method '{self.method}' (plain SGD): it would move masked rows")
+        if not self.optim.values_lr_mult > 0:
+            raise bad("optim.values_lr_mult", f"must be > 0, got {self.optim.values_lr_mult}")
+        if self.optim.values_weight_decay is not None and self.optim.values_weight_decay < 0:
+            raise bad("optim.values_weight_decay", f"must be >= 0, got {self.optim.values_weight_decay}")
+        if self.uses_sgd and self.optim.values_weight_decay:
+            raise bad("optim.values_weight_decay", f"must be 0 with method '{self.method}' (plain SGD): it would move masked rows")
         if self.optim.loss_reduction not in ("mean", "sum"):
             raise bad("optim.loss_reduction", "must be mean or sum")
         if self.optim.schedule not in ("constant", "cosine"):

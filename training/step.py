@@ -55,13 +55,18 @@ def set_trainable(model: nn.Module, plan: Plan, lora_names: set[str]) -> None:
             p.requires_grad_(plan.train_dense or (plan.train_lora and name in lora_names))
 
 
-def optimizer_factory(config, *, sgd: bool):
+def optimizer_factory(config, *, sgd: bool, values: bool = False):
+    """The optimizer of the dense parameters, or (``values``) of the memory values table: its lr is
+    ``optim.lr * optim.values_lr_mult`` and its weight decay ``optim.values_weight_decay`` when set."""
     o = config.optim
+    lr = o.lr * (o.values_lr_mult if values else 1.0)
     if sgd:
-        return lambda params: torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
     wd = o.weight_decay if config.stage == "pretrain" or config.method != "full" else (o.weight_decay or 0.1)
+    if values and o.values_weight_decay is not None:
+        wd = o.values_weight_decay
     # fused: one pass per tensor instead of ~10 (8x faster on the 16.7M-element tiny values table on CPU)
-    return lambda params: torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=wd,
+    return lambda params: torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), weight_decay=wd,
                                             fused=_fused_ok(params))
 
 
@@ -146,7 +151,7 @@ class Stepper:
             if coef < 1.0 and self.values.grad is not None:
                 self.values.grad.mul_(coef)
             for group in self.values_optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * self.config.optim.values_lr_mult
             self.values_optimizer.step()
             self.values_optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0

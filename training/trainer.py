@@ -19,7 +19,8 @@ import yaml
 
 from evaluation import build_summary, write_summary
 from data_pipeline.facts import eval_prompt
-from evaluation.memory_diagnostics import HIGH_DF_FRACTION, ReadRecorder, memory_health, prompt_reads, usage_stats
+from evaluation.memory_diagnostics import (HIGH_DF_FRACTION, ReadRecorder, add_reliance_target, memory_health,
+                                          memory_reliance, prompt_reads, usage_stats)
 from sparse_update import SparseMemoryFinetuner
 from training import checkpoint as C
 from training import faults, signals
@@ -104,7 +105,7 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     finetuner = SparseMemoryFinetuner(plan.sparse_args, values) if values is not None else None
     values_opt = None
     if plan.train_values and values is not None:
-        values_opt = optimizer_factory(config, sgd=plan.values_sgd)([values])
+        values_opt = optimizer_factory(config, sgd=plan.values_sgd, values=True)([values])
         finetuner.attach(values_opt)
     strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=False))
 
@@ -292,6 +293,12 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
                            num_batches=tracker.num_batches, known=reads["known"], new=reads["new"],
                            background_weights=torch.cat(weights) if weights else None,
                            k=model.config.memory.k)
+    if facts.known:   # does the model answer from its memory at all? (known F1 with the memory switched off)
+        reliance = memory_reliance(strategy.module, tokenizer, facts.known[:config.eval.max_items],
+                                   batch_size=config.eval.batch_size, device=dist_info.device,
+                                   max_new_tokens=config.eval.max_new_tokens)
+        health.update({f"health/{k}": v for k, v in reliance.items()})
+        add_reliance_target(health)
     log.log(num, {k: v for k, v in health.items() if isinstance(v, (int, float))}, kind="health", console=False)
     C.save_checkpoint(run_dir, num, strategy=strategy, values=values, values_optimizer=None,
                       sparse_state=finetuner.state_dict(),

@@ -46,7 +46,11 @@ def test_background_records_document_frequencies(runs):
     assert 1 <= health["health/topk_exp_entropy"] <= health["health/topk_k"]
     assert 0 <= health["health/new_answer_weight_low_df"] <= 1
     assert health["health/known_answer_slots_per_fact"] > 0
-    assert set(health["health/targets"]) == {"slots_read_frac", "answer_weight_low_df", "jaccard_new_known_max"}
+    assert set(health["health/targets"]) == {"slots_read_frac", "answer_weight_low_df", "jaccard_new_known_max",
+                                             "memory_reliance"}
+    # reliance: the known facts' F1 with and without the memory (the tiny base may know none: reliance None)
+    assert 0 <= health["health/known_f1_memory_off"] <= 1 and 0 <= health["health/known_f1"] <= 1
+    assert health["health/known_answer_nll_memory_off"] > 0
     assert all(isinstance(t["met"], bool) for t in health["health/targets"].values())
 
 

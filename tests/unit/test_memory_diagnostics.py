@@ -119,3 +119,56 @@ def test_selection_vs_memory_all_and_forgetting_curve() -> None:
     assert [b["f1"] for b in bins] == [1.0, 0.5, 0.5, 0.0]
     with pytest.raises(ValueError):
         f1_by_steps_since_update([1], [0.5, 0.5])
+
+
+def test_memory_off_equals_a_model_without_memory_output(setup) -> None:
+    """memory_off zeroes exactly the memory layers' contribution: the logits equal those of a copy whose
+    memory output projections are zero, they differ from the intact model's, and the hooks go away after."""
+    import copy
+
+    from evaluation.memory_diagnostics import memory_off
+    model, tok = setup
+    tokens = torch.tensor([tok.encode(PROMPTS[1], bos=True)])
+    with torch.no_grad():
+        intact = model(tokens).logits
+        with memory_off(model):
+            off = model(tokens).logits
+        again = model(tokens).logits
+        cut = copy.deepcopy(model)
+        for layer in cut.layers:
+            if getattr(layer, "memory", None) is not None:
+                layer.memory.out.weight.zero_()
+        reference = cut(tokens).logits
+    assert torch.allclose(off, reference, atol=1e-6)
+    assert not torch.allclose(off, intact, atol=1e-4)
+    assert torch.equal(again, intact)
+
+
+def test_memory_reliance_reports_f1_lost_without_the_memory(setup) -> None:
+    from eval_fakes import QA
+
+    from evaluation.memory_diagnostics import memory_off, memory_reliance
+    from evaluation.qa import qa_scores
+    model, tok = setup
+    from data_pipeline.facts import eval_prompt
+    from evaluation.generate import generate_batch
+    from evaluation.distributed import resolve_shard
+    questions = ("who?", "where was it?", "when?", "why?")
+    # gold answers = the intact model's own greedy answers (F1 1 with the memory), one of them wrong
+    prompts = [tok.encode(eval_prompt(QA(id="", question=q, answers=[])), bos=True) for q in questions]
+    with torch.no_grad():
+        texts = generate_batch(model.eval(), tok, prompts, max_new_tokens=2, stop_strings=["\n"],
+                               device=torch.device("cpu"), shard=resolve_shard(None))
+    answers = [t.strip() or "x" for t in texts[:3]] + ["zzz"]
+    records = [QA(id=str(i), question=q, answers=[a]) for i, (q, a) in enumerate(zip(questions, answers))]
+    kw = dict(batch_size=2, device=torch.device("cpu"), max_new_tokens=2)
+    out = memory_reliance(model, tok, records, **kw)
+    on = qa_scores(model, tok, records, **kw)
+    with memory_off(model):
+        off = qa_scores(model, tok, records, **kw)
+    assert out["known_f1"] == on["f1"] and out["known_f1_memory_off"] == off["f1"]
+    assert out["known_answer_nll_memory_off"] == pytest.approx(off["answer_nll"])
+    assert out["known_answer_nll"] == pytest.approx(on["answer_nll"])
+    assert out["known_answer_nll"] != pytest.approx(out["known_answer_nll_memory_off"])
+    assert 0 < on["f1"] <= 0.75
+    assert out["known_memory_reliance"] == pytest.approx((on["f1"] - off["f1"]) / on["f1"])

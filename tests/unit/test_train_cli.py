@@ -28,6 +28,10 @@ def test_help_lists_stages_and_sections():
     (["--optim.lr=0"], "optim.lr"),
     (["--stage=finetune", "--method=sparse", "--optim.momentum=0.9", "--init_from=x"], "optim.momentum"),
     (["--sparse.top_t=0"], "sparse.top_t"),
+    (["--optim.values_lr_mult=0"], "optim.values_lr_mult"),
+    (["--optim.values_weight_decay=-1"], "optim.values_weight_decay"),
+    (["--stage=finetune", "--method=sparse", "--optim.weight_decay=0", "--optim.values_weight_decay=0.1",
+      "--init_from=x"], "optim.values_weight_decay"),
 ])
 def test_bad_config_fails_in_one_line(tmp_path, args, needle):
     proc = train("--config", "recipes/configs/tiny_pretrain.yaml", f"--output_dir={tmp_path / 'r'}", *args,
@@ -54,3 +58,19 @@ def test_shipped_configs_resolve(name):
         assert cfg.sparse.top_t == 10000
     if name.startswith("paper"):
         assert cfg.model.preset == "paper-1.3b"
+
+
+def test_values_table_gets_its_own_lr_and_weight_decay():
+    """optim.values_lr_mult / values_weight_decay reach the values optimizer only; the dense one keeps optim.*."""
+    import torch
+
+    from training.step import optimizer_factory
+    cfg = resolve_config("recipes/configs/tiny_pretrain.yaml",
+                         {"optim.values_lr_mult": 10, "optim.values_weight_decay": 0.0})
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    values = optimizer_factory(cfg, sgd=False, values=True)(p).param_groups[0]
+    dense = optimizer_factory(cfg, sgd=False)(p).param_groups[0]
+    assert values["lr"] == pytest.approx(10 * cfg.optim.lr) and values["weight_decay"] == 0.0
+    assert dense["lr"] == pytest.approx(cfg.optim.lr) and dense["weight_decay"] == cfg.optim.weight_decay > 0
+    sgd = resolve_config("recipes/configs/tiny_fact_learning.yaml", {"init_from": "x", "optim.values_lr_mult": 3})
+    assert optimizer_factory(sgd, sgd=True, values=True)(p).param_groups[0]["lr"] == pytest.approx(3 * sgd.optim.lr)
