@@ -11,6 +11,7 @@ the ranks when launched with torchrun, with the same numbers as one process. Ran
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,13 +20,15 @@ from typing import Any
 
 USAGE = """usage: [torchrun --nproc_per_node=N] recipes/evaluate.py --checkpoint RUN_OR_CHECKPOINT_DIR
          [--sets new_facts,known_facts,heldout_text,nq,hellaswag,gsm8k] [--out FILE.json] [--max_items N]
-         [--config CONFIG.yaml] [--section.key=value ...]
+         [--config CONFIG.yaml] [--memory_off] [--section.key=value ...]
 
 --checkpoint  a run directory (its latest checkpoint) or a checkpoint directory (RUN/checkpoints/step_N)
 --sets        sets to evaluate (default: the run's eval.sets)
 --out         JSON to write (default: CHECKPOINT_DIR/eval.json)
 --max_items   items per set (default: the run's eval.max_items)
 --config      config to use instead of the run's config.yaml (needed when the checkpoint has none)
+--memory_off  switch every memory layer's output off (an ablation: what the model knows without its memory);
+              default --out CHECKPOINT_DIR/eval_memory_off.json
 --section.key=value  any config override, e.g. --eval.batch_size=8 --eval.nq=data/nq.jsonl --device=cpu
 """
 
@@ -146,7 +149,7 @@ def evaluate_module(config, module, tokenizer, sets, device) -> dict[str, float]
 
 def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = None,
                         max_items: int | None = None, config: str | None = None,
-                        overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                        overrides: dict[str, Any] | None = None, memory_off: bool = False) -> dict[str, Any]:
     from training import distributed as D
     from training.checkpoint import read_trainer_state
     from training.data import load_tokenizer
@@ -162,15 +165,17 @@ def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = 
         overrides["eval.max_items"] = int(max_items)
     cfg = resolve_eval_config(ckpt, run_dir, config_path=config, overrides=overrides)
     step = int(read_trainer_state(ckpt).get("step", 0))
-    out_path = Path(out) if out else ckpt / "eval.json"
+    out_path = Path(out) if out else ckpt / ("eval_memory_off.json" if memory_off else "eval.json")
 
     dist_info = D.init_distributed(cfg.device)
     try:
         strategy = load_model(cfg, ckpt, dist_info)
         tokenizer = load_tokenizer(cfg, cfg.model_config().vocab_size)
         eval_sets = build_sets(cfg, tokenizer, explicit=requested is not None)
-        metrics = evaluate_module(cfg, strategy.module, tokenizer, eval_sets, dist_info.device)
-        result = {"checkpoint": str(ckpt), "step": step,
+        from evaluation.memory_diagnostics import memory_off as switch_off
+        with switch_off(strategy.module) if memory_off else contextlib.nullcontext():
+            metrics = evaluate_module(cfg, strategy.module, tokenizer, eval_sets, dist_info.device)
+        result = {"checkpoint": str(ckpt), "step": step, "memory_off": bool(memory_off),
                   "metrics": {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}}
         if dist_info.is_main:
             out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +190,14 @@ def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = 
     return result
 
 
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "false", "0"):
+        return str(value).lower() in ("true", "1")
+    raise ValueError(f"{name} takes no value or true/false, got {value!r}")
+
+
 def main(argv: list[str]) -> int:
     """fire parses `--key=value` words, as recipes/train.py; errors are one line, exit code 2."""
     if any(a in ("-h", "--help", "help") for a in argv):
@@ -192,12 +205,12 @@ def main(argv: list[str]) -> int:
         return 0
 
     def _run(checkpoint: str | None = None, sets: Any = None, out: str | None = None, max_items: int | None = None,
-             config: str | None = None, **overrides: Any) -> None:
+             config: str | None = None, memory_off: bool = False, **overrides: Any) -> None:
         if checkpoint is None:
             raise ValueError("--checkpoint RUN_OR_CHECKPOINT_DIR is required (see --help)")
         evaluate_checkpoint(str(checkpoint), sets=sets, out=None if out is None else str(out),
                             max_items=max_items, config=None if config is None else str(config),
-                            overrides=overrides)
+                            overrides=overrides, memory_off=_flag(memory_off, "--memory_off"))
 
     from training.cli import run_cli
     return run_cli(_run, argv, name="evaluate.py")

@@ -37,7 +37,7 @@ def pretrain_run(tmp_path_factory) -> Path:
     return run
 
 
-def in_process_metrics(run: Path) -> dict[str, float]:
+def in_process_metrics(run: Path, *, memory_off: bool = False) -> dict[str, float]:
     """The same metrics from the checkpoint files directly: a plain (unsharded) model, no recipe code."""
     import torch
     import torch.distributed.checkpoint as dcp
@@ -59,6 +59,11 @@ def in_process_metrics(run: Path) -> dict[str, float]:
         model.memory_values.copy_(load_file(str(ckpt / "values.safetensors"))["values"])
     tokenizer = load_tokenizer(config, model.config.vocab_size)
     sets = eval_sets(config, load_facts(config))
+    if memory_off:   # the ablation by hand: zero output projections of every memory layer
+        with torch.no_grad():
+            for block in model.layers:
+                if block.memory is not None:
+                    block.memory.out.weight.zero_()
     return evaluate_sets(model, tokenizer, sets, batch_size=config.eval.batch_size, max_items=4,
                          device="cpu", options={n: {"max_new_tokens": config.eval.max_new_tokens}
                                                 for n in ("new_facts", "known_facts")})
@@ -80,6 +85,16 @@ def test_evaluate_writes_the_in_process_metrics(pretrain_run: Path, tmp_path: Pa
     evaluate("--checkpoint", str(pretrain_run / "checkpoints" / "step_000002"), f"--sets={','.join(SETS)}",
              "--eval.max_items=4", "--out", str(out2), nproc=2)
     assert json.loads(out2.read_text()) == one
+
+
+def test_evaluate_with_the_memory_switched_off(pretrain_run: Path) -> None:
+    """--memory_off: the model without its memory layers' output, next to the checkpoint by default."""
+    evaluate("--checkpoint", str(pretrain_run), "--sets", ",".join(SETS), "--max_items", "4", "--memory_off")
+    out = json.loads((pretrain_run / "checkpoints" / "step_000002" / "eval_memory_off.json").read_text())
+    assert out["memory_off"] is True
+    assert out["metrics"] == pytest.approx(in_process_metrics(pretrain_run, memory_off=True), rel=1e-6)
+    assert out["metrics"]["heldout_text/nll"] != pytest.approx(in_process_metrics(pretrain_run)["heldout_text/nll"],
+                                                              rel=1e-7)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
