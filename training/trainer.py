@@ -85,14 +85,15 @@ def _stored_fingerprints(run_dir: Path) -> list[tuple[str, Path]]:
     """(fingerprint, where) of the run already in run_dir: its config.yaml and its latest checkpoint."""
     out = []
     resolved = run_dir / "config.yaml"
-    if resolved.is_file():
+    found = C.list_checkpoints(run_dir)
+    has_results = bool(found) or (run_dir / "summary.json").is_file()   # else a failed start left only config.yaml
+    if has_results and resolved.is_file():
         try:
             old = yaml.safe_load(resolved.read_text()) or {}
         except (yaml.YAMLError, UnicodeDecodeError):
             old = {}
         if isinstance(old, dict) and old.get("fingerprint") is not None:
             out.append((old["fingerprint"], resolved))
-    found = C.list_checkpoints(run_dir)
     if found:
         state = C.read_trainer_state(found[-1])
         if state.get("fingerprint") is not None:
