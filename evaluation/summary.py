@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,9 @@ def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> N
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # not mkstemp: it creates the file 0600; summary.json follows the umask like every other file of a run
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -161,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.suffix.lower() != ".png":
             raise UsageError(f"--out must name a .png file, got {args.out}")
+        from training.paths import output_path_problem
+        for target in (args.out, args.out.with_suffix(".md")):
+            problem = output_path_problem(target, want_dir=False)
+            if problem is not None:
+                raise UsageError(f"--out {target} {problem}")
         points = [load_point(d, x=args.x, y=args.y, label_keys=label_keys) for d in args.run_dirs]
         bad = [p.run for p in points if not (math.isfinite(p.x) and math.isfinite(p.y))]
         if bad:

@@ -345,6 +345,10 @@ def _main(args: argparse.Namespace, extra: dict[str, str]) -> int:
         if key in extra:
             raise UsageError(f"--{key} is set by the sweep; use --base-config / --out / --init_from")
     init_from = str(existing(args.init_from, "--init_from")) if args.init_from else None
+    from training.paths import output_path_problem
+    problem = output_path_problem(args.out, want_dir=True)
+    if problem is not None:
+        raise UsageError(f"--out {args.out} {problem}; name the sweep directory (one run directory per point)")
     out = Path(args.out).resolve()
     train_script = Path(args.train_script).resolve()
 

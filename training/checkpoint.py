@@ -5,8 +5,14 @@ Layout of `RUN/checkpoints/step_000123/`:
   values.safetensors    the replicated memory values table (+ its optimizer state, if any)
   sparse.safetensors    sparse_update state: background statistics, last selection
   trainer.json          step, stage, method, world size, config fingerprint, per-rank data state
+  run_state.safetensors what the summary reports besides the weights (rows updated so far, diagnostics)
+  COMPLETE.json         manifest (every file and its size), written last: a checkpoint without it, or whose
+                        files disagree with it, is not complete
 A checkpoint is written into `step_000123.tmp/` and renamed by rank 0 after every rank finished, so a
-crash mid-save leaves the previous checkpoint as the latest complete one. Nothing is ever unpickled.
+crash mid-save leaves the previous checkpoint as the latest complete one. Replacing a checkpoint of the
+same step moves the old one to `step_000123.old/` first (still listed while `step_000123/` is absent),
+then renames the new one into place, then deletes the old one: at every instant one complete copy is
+found. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -18,12 +24,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from training import distributed as D
 from training import faults
 
 PREFIX = "step_"
+MANIFEST = "COMPLETE.json"
+OLD = ".old"
 
 
 # ---- tensor trees in safetensors (no pickle) ----------------------------------------------------
@@ -43,7 +51,22 @@ def save_tree(path: str | Path, tree: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     _flatten(tree, "", tensors, meta)
-    save_file(tensors, str(path), metadata={"tree": json.dumps(meta)})
+    write_bytes_atomic(path, save(tensors, metadata={"tree": json.dumps(meta)}))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write via a temporary name + rename; the file follows the umask like every other file of a run
+    (safetensors' save_file and mkstemp would create it 0600)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_tree(path: str | Path) -> dict:
@@ -74,23 +97,61 @@ def _restore_keys(tree: Any) -> Any:
 
 
 # ---- discovery ----------------------------------------------------------------------------------
+def _step_of(p: Path) -> int | None:
+    name = p.name[len(PREFIX):]
+    name = name[:-len(OLD)] if name.endswith(OLD) else name
+    return int(name) if name.isdigit() else None
+
+
+def is_complete(ckpt: Path) -> bool:
+    """The manifest is written last: its presence says every file was written (verify_checkpoint checks them)."""
+    return (ckpt / MANIFEST).is_file() and (ckpt / "trainer.json").is_file()
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first; `step_N.old` stands in for `step_N` while a replacement of
+    step N is under way (or was interrupted)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and not p.name.endswith(".tmp") and (p / "trainer.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    by_step: dict[int, Path] = {}
+    for p in ckpt_dir.iterdir():
+        step = _step_of(p) if p.name.startswith(PREFIX) and p.is_dir() else None
+        if step is None or not is_complete(p):
+            continue
+        if step not in by_step or by_step[step].name.endswith(OLD):
+            by_step[step] = p
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Every file the manifest lists is there with its size; one-line ValueError naming the file otherwise."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"checkpoint {ckpt} is incomplete: its manifest {ckpt / MANIFEST} is missing or unreadable "
+                         f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); it was not finished "
+                         "(an interrupted save); resume from an earlier one") from None
+    for rel, size in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise ValueError(f"checkpoint file {path} is missing (listed in {ckpt / MANIFEST}); "
+                             "this checkpoint is damaged; resume from an earlier one")
+        if path.stat().st_size != size:
+            raise ValueError(f"checkpoint file {path} is truncated or corrupted ({path.stat().st_size} bytes, the "
+                             f"manifest says {size}); resume from an earlier checkpoint")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (its latest checkpoint). One-line error otherwise."""
+    """A checkpoint dir, or a run dir (its latest checkpoint), verified against its manifest. One-line error otherwise."""
     path = Path(path)
     if (path / "trainer.json").is_file():
+        verify_checkpoint(path)
         return path
     if path.is_dir():
         found = list_checkpoints(path)
         if found:
+            verify_checkpoint(found[-1])
             return found[-1]
     raise ValueError(f"init_from={path}: no complete checkpoint there (expected a run directory with "
                      "checkpoints/step_*/trainer.json or a checkpoint directory); run the previous stage first")
@@ -107,11 +168,13 @@ def read_trainer_state(ckpt: Path) -> dict:
 # ---- save / load --------------------------------------------------------------------------------
 def save_checkpoint(run_dir: str | Path, step: int, *, strategy, values: torch.Tensor | None,
                     values_optimizer: torch.optim.Optimizer | None, sparse_state: dict | None,
-                    trainer_state: dict, rank_state: dict, dist_info, keep_latest: int) -> Path:
+                    trainer_state: dict, rank_state: dict, dist_info, keep_latest: int,
+                    run_state: dict | None = None) -> Path:
     ckpt_dir = Path(run_dir) / "checkpoints"
     final = ckpt_dir / f"{PREFIX}{step:06d}"
     tmp = ckpt_dir / f"{PREFIX}{step:06d}.tmp"
     if dist_info.is_main:
+        recover(run_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     D.barrier()
@@ -127,15 +190,55 @@ def save_checkpoint(run_dir: str | Path, step: int, *, strategy, values: torch.T
             save_tree(tmp / "values.safetensors", tree)
         if sparse_state is not None:
             save_tree(tmp / "sparse.safetensors", sparse_state)
+        if run_state is not None:
+            save_tree(tmp / "run_state.safetensors", run_state)
         state = dict(trainer_state, step=step, world_size=dist_info.world_size, ranks=ranks)
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))   # last: complete
+        _swap_into_place(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep_latest]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
+    if faults.active("crash_after_save", step, dist_info.rank):
+        os._exit(9)
     return final
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """tmp -> final. An existing final is moved to final.old first (list_checkpoints still finds it), and
+    deleted only once the new copy is in place: a kill at any point leaves a complete checkpoint listed."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = final.with_name(final.name + OLD)
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(final, old)
+    if faults.active("crash_in_swap", _step_of(final) or 0, 0):
+        os._exit(9)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(run_dir: str | Path) -> None:
+    """Finish an interrupted replacement: a complete step_N.old without a complete step_N goes back into place."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return
+    for old in ckpt_dir.glob(f"{PREFIX}*{OLD}"):
+        final = old.with_name(old.name[:-len(OLD)])
+        if is_complete(final):
+            shutil.rmtree(old, ignore_errors=True)
+        elif is_complete(old):
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(old, final)
+
+
+def load_run_state(ckpt: Path) -> dict | None:
+    path = ckpt / "run_state.safetensors"
+    return load_tree(path) if path.is_file() else None
 
 
 def load_values(ckpt: Path, values: torch.Tensor, values_optimizer: torch.optim.Optimizer | None) -> None:

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,8 +210,9 @@ class JobConfig:
             raise bad("strategy", f"'{self.strategy}' is not one of {', '.join(STRATEGIES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", f"'{self.device}' is not one of auto, cpu, cuda")
-        if self.optim.lr <= 0:
-            raise bad("optim.lr", f"must be > 0, got {self.optim.lr}")
+        if not (_finite(self.optim.lr) and self.optim.lr > 0):
+            raise bad("optim.lr", f"must be a finite number > 0, got {self.optim.lr}")
+        self._validate_ranges(bad)
         if self.max_steps < 0:
             raise bad("max_steps", "must be >= 0")
         if self.stage == "pretrain" and self.max_steps == 0:
@@ -251,6 +253,50 @@ class JobConfig:
         if self.data.seq_len > self.model_config().max_seq_len:
             raise bad("data.seq_len", f"exceeds model max_seq_len={self.model_config().max_seq_len}")
 
+    # Numeric ranges of every key, in one place: (key, low, high, what). None = unbounded on that side.
+    _RANGES = (
+        ("max_steps", 0, None, "a count"), ("seed", 0, None, "a seed"),
+        ("data.num_known_facts", 0, None, "a count"), ("data.num_new_facts", 0, None, "a count"),
+        ("data.fact_offset", 0, None, "an index"), ("data.num_background_facts", 0, None, "a count"),
+        ("data.background_offset", -1, None, "an index, or -1 (right after the new facts)"),
+        ("data.fact_ratio", 0, 1, "a ratio"),
+        ("optim.weight_decay", 0, None, "a decay"), ("optim.momentum", 0, 1, "a momentum"),
+        ("optim.warmup_steps", 0, None, "a count"), ("optim.grad_clip", 0, None, "a norm (0 = off)"),
+        ("sparse.consistency_interval", 0, None, "an interval (0 = at the end only)"),
+        ("lora.alpha", 0, None, "a scale"),
+        ("checkpoint.interval", 0, None, "an interval (0 = only at the end)"),
+        ("logging.interval", 1, None, "an interval"),
+        ("eval.interval", 0, None, "an interval (0 = only before and after)"),
+        ("eval.max_items", 1, None, "a count"), ("eval.batch_size", 1, None, "a batch size"),
+        ("eval.max_new_tokens", 1, None, "a length"),
+    )
+
+    def _validate_ranges(self, bad) -> None:
+        for key, low, high, what in self._RANGES:
+            obj = self
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            value = obj
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+                raise bad(key, f"must be a finite number, got {value!r}")
+            if (low is not None and value < low) or (high is not None and value > high):
+                span = f"[{low}, {high}]" if high is not None else f">= {low}"
+                raise bad(key, f"must be {span} ({what}), got {value}")
+        if self.optim.momentum >= 1:
+            raise bad("optim.momentum", f"must be in [0, 1), got {self.optim.momentum}")
+        if self.lora.alpha <= 0:
+            raise bad("lora.alpha", f"must be > 0, got {self.lora.alpha}")
+        betas = self.optim.betas
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise bad("optim.betas", f"must be two numbers in [0, 1), got {betas!r}")
+        if not _finite(self.optim.values_lr_mult):
+            raise bad("optim.values_lr_mult", f"must be finite, got {self.optim.values_lr_mult}")
+        if self.optim.values_weight_decay is not None and not _finite(self.optim.values_weight_decay):
+            raise bad("optim.values_weight_decay", f"must be finite, got {self.optim.values_weight_decay}")
+        if not str(self.output_dir).strip():
+            raise bad("output_dir", "is empty; pass --output_dir=DIR")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -260,6 +306,13 @@ class JobConfig:
         for key in ("output_dir", "max_steps", "logging", "checkpoint"):
             d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except TypeError:
+        return False
 
 
 def _parse_cli_value(value: Any) -> Any:
@@ -330,19 +383,26 @@ def _coerce_lists(config: Any, updates: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ValueError(f"config file {path}: its `base:` chain is a cycle ({cycle})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of config keys")
     base = data.pop("base", None)   # configs may extend another config file, relative to themselves
     if base:
-        data = _merge(load_yaml(path.parent / base), data)
+        if not isinstance(base, str):
+            raise ValueError(f"config file {path}: `base:` must be a file name, got {base!r}")
+        data = _merge(load_yaml(path.parent / base, (*_chain, path.resolve())), data)
     return data
 
 

@@ -1,6 +1,7 @@
 """Finetune-time memory diagnostics (see evaluation/memory_diagnostics.py), logged under memory/*."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -45,6 +46,25 @@ class FactDiagnostics:
         self.overlaps: list[float] = []
         self.grad_masses: list[float] = []
         self.grad_tap = grad_tap
+
+    def state_dict(self, before: dict[str, float]) -> dict[str, Any]:
+        """Everything after() reads, for the checkpoint: a resumed run reports what an uninterrupted one would.
+        `before` is what before() returned (measured on the initial model, not on the resumed one)."""
+        return {"known_lookups": {str(i): t.cpu() for i, t in enumerate(self.known_lookups)},
+                "json": json.dumps({"num_known_lookups": len(self.known_lookups), "before": before,
+                                    "coverages": self.coverages, "prompt_coverages": self.prompt_coverages,
+                                    "overlaps": self.overlaps, "grad_masses": self.grad_masses,
+                                    "last_update": sorted(self.last_update.items())})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> dict[str, float]:
+        """Restore state_dict()'s accumulators; returns the stored before() numbers."""
+        data = json.loads(state["json"])
+        lookups = state.get("known_lookups") or {}
+        self.known_lookups = [lookups[str(i)].to(torch.long) for i in range(data["num_known_lookups"])]
+        self.coverages, self.prompt_coverages = list(data["coverages"]), list(data["prompt_coverages"])
+        self.overlaps, self.grad_masses = list(data["overlaps"]), list(data["grad_masses"])
+        self.last_update = {k: int(v) for k, v in data["last_update"]}
+        return dict(data["before"])
 
     def before(self) -> dict[str, float]:
         tracker = self.finetuner.background_tracker if self.finetuner is not None else None

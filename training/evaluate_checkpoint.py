@@ -154,6 +154,11 @@ def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = 
     from training.checkpoint import read_trainer_state
     from training.data import load_tokenizer
 
+    if out is not None:
+        from training.paths import output_path_problem
+        problem = output_path_problem(out, want_dir=False)
+        if problem is not None:
+            raise ValueError(f"--out {out} {problem}; name the JSON file to write")
     ckpt, run_dir = locate(checkpoint)
     requested = _requested_sets(sets)
     overrides = dict(overrides or {})

@@ -44,6 +44,24 @@ class MetricsLogger:
                                       "sparse_update/selected", "sparse_update/accessed") or kind == "eval")
             print(f"[{kind}] step {step} {shown}", file=sys.stderr if kind == "train" else sys.stdout, flush=True)
 
+    def offset(self) -> int | None:
+        """Bytes of metrics.jsonl written so far (stored with a checkpoint; see rewind)."""
+        return self.jsonl.tell() if self.enabled else None
+
+    def rewind(self, offset: int | None, step: int) -> None:
+        """Resuming from the checkpoint of `step`: drop what an abandoned attempt logged after that checkpoint
+        was written (metrics.jsonl from `offset` on; TensorBoard events after `step`), so a reader gets one
+        value per step."""
+        if not self.enabled or offset is None:
+            return
+        self.jsonl.flush()
+        if self.jsonl.tell() > offset:
+            self.jsonl.truncate(offset)
+            self.jsonl.seek(offset)
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=step + 1)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()

@@ -70,10 +70,28 @@ def _corrupt(path: str | Path, err: BaseException) -> ValueError:
 
 
 def stored_keys(path: str | Path) -> set[str]:
+    return set(stored_shapes(path))
+
+
+def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...] | None]:
+    """Every stored key and, for tensors, its (global) shape: read from the metadata only."""
     try:
-        return set(SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        meta = SafeFileSystemReader(str(path)).read_metadata().state_dict_metadata
+        return {k: (tuple(v.size) if hasattr(v, "size") else None) for k, v in meta.items()}
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError, IndexError) as err:
         raise _corrupt(path, err) from None
+
+
+def check_shapes(path: str | Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """A healthy checkpoint of another model size: say what differs (never call it corrupted)."""
+    stored = stored_shapes(path)
+    differ = [(k, stored[k], shape) for k, shape in expected.items()
+              if stored.get(k) is not None and tuple(stored[k]) != tuple(shape)]
+    if differ:
+        key, there, here = differ[0]
+        raise ValueError(f"checkpoint {path} was written for another model: {len(differ)} weight(s) differ in shape, "
+                         f"e.g. {key} is {list(there)} there and {list(here)} in this model; use the model.preset / "
+                         "model.overrides of the run that wrote it")
 
 
 def load(state: dict, path: str | Path) -> None:

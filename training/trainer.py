@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -45,26 +47,111 @@ class StopRequest:
         return D.all_reduce_max(1.0 if signals.received() else 0.0) > 0
 
 
-def prepare_run_dir(config, dist_info) -> Path:
-    """Create the run dir; refuse one whose checkpoints/summary come from a different config (never mix runs)."""
-    run_dir = Path(config.output_dir)
-    resolved = run_dir / "config.yaml"
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        has_results = (run_dir / "summary.json").is_file() or bool(C.list_checkpoints(run_dir))
-        if resolved.is_file() and has_results:
-            try:
-                old = yaml.safe_load(resolved.read_text()) or {}
-            except yaml.YAMLError:
-                old = {}
-            if old.get("fingerprint") not in (None, config.fingerprint()):
-                raise ValueError(f"output_dir {run_dir} holds a run with a different config (see {resolved}); "
-                                 "use a new --output_dir or delete that run")
-        resolved.write_text(yaml.safe_dump({"fingerprint": config.fingerprint(), **config.to_dict()},
-                                           sort_keys=False))
-        (run_dir / "PREEMPTED").unlink(missing_ok=True)
-    D.barrier()
+LOCK_FILE = "run.lock"
+LOCK_WAIT_S = 5.0      # a restarted rank 0 (torchrun --max-restarts) may start while its predecessor exits
+_held_locks: list[int] = []   # rank 0 holds its run directory's lock until the process ends
+
+
+def check_output_dir(output_dir: str) -> Path:
+    """One-line errors for an output_dir that cannot be a run directory (every rank checks the same path)."""
+    from training.paths import output_path_problem
+    problem = output_path_problem(output_dir, want_dir=True)
+    if problem is not None:
+        raise ValueError(f"output_dir {output_dir!r} {problem}; pass --output_dir=DIR (a new or this stage's "
+                         "run directory)")
+    run_dir = Path(output_dir)
     return run_dir
+
+
+def lock_run_dir(run_dir: Path) -> int:
+    """Exclusive fcntl lock on RUN/run.lock (released by the kernel when the process dies, so never stale)."""
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    deadline = time.time() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.time() > deadline:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ValueError(f"output_dir {run_dir} is in use by another run (pid {holder}, lock {path}); "
+                                 "wait for it to end or pass another --output_dir") from None
+            time.sleep(0.2)
+
+
+def _stored_fingerprints(run_dir: Path) -> list[tuple[str, Path]]:
+    """(fingerprint, where) of the run already in run_dir: its config.yaml and its latest checkpoint."""
+    out = []
+    resolved = run_dir / "config.yaml"
+    found = C.list_checkpoints(run_dir)
+    has_results = bool(found) or (run_dir / "summary.json").is_file()   # else a failed start left only config.yaml
+    if has_results and resolved.is_file():
+        try:
+            old = yaml.safe_load(resolved.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            old = {}
+        if isinstance(old, dict) and old.get("fingerprint") is not None:
+            out.append((old["fingerprint"], resolved))
+    if found:
+        state = C.read_trainer_state(found[-1])
+        if state.get("fingerprint") is not None:
+            out.append((state["fingerprint"], found[-1] / "trainer.json"))
+    return out
+
+
+def _stage_complete(config, run_dir: Path) -> bool:
+    """summary.json written and the latest checkpoint covers every step this command asks for."""
+    if not (run_dir / "summary.json").is_file():
+        return False
+    found = C.list_checkpoints(run_dir)
+    if not found:
+        return True
+    state = C.read_trainer_state(found[-1])
+    done = int(state.get("step", 0))
+    natural = config.sparse.background_batches if config.stage == "background" else state.get("natural_steps")
+    if config.max_steps:
+        wanted = min(natural, config.max_steps) if natural is not None else config.max_steps
+    else:
+        wanted = natural if natural is not None else done
+    return done >= wanted
+
+
+def prepare_run_dir(config, dist_info) -> Path | None:
+    """Create and lock the run dir; refuse one whose checkpoints/summary come from a different config (never
+    mix runs). None when this stage is already complete there: the directory is left exactly as it was."""
+    run_dir = check_output_dir(config.output_dir)
+    outcome: Any = "run"
+    if dist_info.is_main:
+        try:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"output_dir {run_dir}: cannot create it ({err.strerror or err})") from None
+            fd = lock_run_dir(run_dir)
+            _held_locks.append(fd)
+            for fingerprint, where in _stored_fingerprints(run_dir):
+                if fingerprint != config.fingerprint():
+                    raise ValueError(f"output_dir {run_dir} holds a run with a different config (see {where}); "
+                                     "use a new --output_dir or delete that run")
+            if _stage_complete(config, run_dir):
+                outcome = "complete"
+            else:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                (run_dir / "config.yaml").write_text(yaml.safe_dump({"fingerprint": config.fingerprint(),
+                                                                     **config.to_dict()}, sort_keys=False))
+                (run_dir / "PREEMPTED").unlink(missing_ok=True)
+        except ValueError as err:
+            outcome = err
+    shared = D.broadcast_object(outcome if not isinstance(outcome, ValueError) else "error")
+    if isinstance(outcome, ValueError):
+        raise outcome
+    if shared == "error":          # rank 0 reports it; the other ranks leave quietly
+        D.close()
+        raise SystemExit(2)
+    return None if shared == "complete" else run_dir
 
 
 def run(config) -> dict[str, Any]:
@@ -73,6 +160,10 @@ def run(config) -> dict[str, Any]:
     stop = StopRequest()
     t_start = time.time()
     run_dir = prepare_run_dir(config, dist_info)
+    if run_dir is None:
+        _print(dist_info, f"stage already complete in {config.output_dir}")
+        D.close()
+        return {"complete": True}
     log = MetricsLogger(run_dir, enabled=dist_info.is_main)
     try:
         return _run(config, dist_info, run_dir, log, stop, t_start)
@@ -111,9 +202,11 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
 
     # ---- restore: resume this run, or start from another stage's checkpoint ----------------------------
     step = 0
+    resumed_state: dict | None = None     # what the summary reports besides the weights (updated rows, diagnostics)
     resume = C.list_checkpoints(run_dir)
     if resume:
         ckpt = resume[-1]
+        C.verify_checkpoint(ckpt)
         state = C.read_trainer_state(ckpt)
         if state.get("world_size") != dist_info.world_size:
             raise ValueError(f"checkpoint {ckpt} was written by {state.get('world_size')} ranks, this run has "
@@ -126,6 +219,8 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
             finetuner.load_state_dict(sparse_state)
         stream.load_state_dict(state["ranks"][dist_info.rank]["stream"])
         step = int(state["step"])
+        resumed_state = C.load_run_state(ckpt) or {}
+        log.rewind(state.get("metrics_offset"), step)    # lines the abandoned attempt logged after this checkpoint
         _print(dist_info, f"resumed from {ckpt} at step {step}")
         log.log(step, {}, kind="resume", console=False, extra={"checkpoint": ckpt.name})
     elif config.init_from:
@@ -163,8 +258,11 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
                                       device=dist_info.device, max_known=config.eval.max_items, grad_tap=grad_tap,
                                       eval_options={"batch_size": config.eval.batch_size,
                                                     "max_new_tokens": config.eval.max_new_tokens})
-        diag_before = diagnostics.before()
-        log.log(step, diag_before, kind="diagnostics", console=False)
+        if resumed_state and "diagnostics" in resumed_state:
+            diag_before = diagnostics.load_state_dict(resumed_state["diagnostics"])
+        else:
+            diag_before = diagnostics.before()
+            log.log(step, diag_before, kind="diagnostics", console=False)
     before = _load_before(run_dir) if step > 0 else None
     if config.stage == "finetune" and before is None:
         cache = _before_cache_path(config, sets, model.config, dist_info.world_size)
@@ -180,16 +278,28 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
             (run_dir / "eval_before.json").write_text(json.dumps(before))
 
     def save(at: int) -> None:
+        run_state: dict[str, Any] = {"last_train_loss": metrics.get("train/loss")}
+        if updated is not None:
+            run_state["updated"] = updated
+        if diagnostics is not None:
+            run_state["diagnostics"] = diagnostics.state_dict(diag_before)
         C.save_checkpoint(run_dir, at, strategy=strategy, values=values, values_optimizer=values_opt,
                           sparse_state=finetuner.state_dict() if finetuner is not None else None,
                           trainer_state={"stage": config.stage, "method": config.method,
-                                         "fingerprint": config.fingerprint()},
+                                         "fingerprint": config.fingerprint(),
+                                         "natural_steps": len(stream) if config.stage == "finetune" else None,
+                                         "metrics_offset": log.offset()},
                           rank_state={"stream": stream.state_dict()}, dist_info=dist_info,
-                          keep_latest=config.checkpoint.keep_latest)
+                          keep_latest=config.checkpoint.keep_latest, run_state=run_state)
 
     progress = _progress(config, dist_info, total, step)
     updated = torch.zeros(values.shape[0], dtype=torch.bool) if values is not None else None
     metrics: dict[str, Any] = {}
+    if resumed_state:
+        if updated is not None and "updated" in resumed_state:
+            updated |= resumed_state["updated"].to(torch.bool)
+        if resumed_state.get("last_train_loss") is not None:
+            metrics["train/loss"] = resumed_state["last_train_loss"]
     # Finetuning keeps the model in eval mode: the model has no dropout, and train mode would let
     # BatchNorm (memory.query_batchnorm) renormalise queries with one fact's statistics and move its
     # running statistics -- parameters outside the selected value rows would change.

@@ -67,6 +67,28 @@ def test_kill_9_of_one_rank_resumes_and_matches_the_uninterrupted_run(tiny_runs,
     assert torch.equal(values_of(out), values_of(reference))
 
 
+def test_kill_9_after_a_checkpoint_resumes_to_the_uninterrupted_summary(tiny_runs, reference):
+    """Every rank dies (kill -9) right after the step-4 checkpoint; the re-run resumes from it. Everything the
+    summary reports comes from checkpointed state: updated rows (the union over all steps) and the memory
+    diagnostics equal the uninterrupted run's (before: rows of steps 1-4 and the diagnostics were lost)."""
+    out = tiny_runs / "rel_killed_after_save"
+    proc = train(*FT, f"--output_dir={out}", f"--init_from={tiny_runs / 'bg'}", check=False,
+                 extra=["--max-restarts=0"], env_extra={"SMF_FAULT": "crash_after_save:4"})
+    assert proc.returncode != 0
+    assert list_checkpoints(out)[-1].name == "step_000004" and not (out / "summary.json").exists()
+    again = train(*FT, f"--output_dir={out}", f"--init_from={tiny_runs / 'bg'}")
+    assert "resumed from" in again.stdout and "step_000004" in again.stdout
+    got, want = summary(out), summary(reference)
+    got.pop("wall_time_s"), want.pop("wall_time_s")
+    assert got == want
+    assert "memory/updated_rows" in got["diagnostics"]
+    rows = lambda run: load_tree(run / "updated_rows.safetensors")["rows"]   # noqa: E731
+    assert torch.equal(rows(out), rows(reference))
+    train_steps = [r["step"] for r in log_rows(out) if r["kind"] == "train"]
+    assert train_steps == sorted(set(train_steps))                          # one line per step
+    assert torch.equal(values_of(out), values_of(reference))
+
+
 def test_crash_while_saving_leaves_the_previous_checkpoint_and_resumes(tiny_runs, reference):
     out = tiny_runs / "rel_crash_save"
     proc = train(*FT, f"--output_dir={out}", f"--init_from={tiny_runs / 'bg'}", check=False,

@@ -31,6 +31,19 @@ def dotted_global_pickle(module: str, dotted: str, arg: str) -> bytes:
             + text(arg) + b"\x85" + b"R" + b".")                   # TUPLE1, REDUCE, STOP
 
 
+def tamper(path, payload: bytes) -> None:
+    """Write `payload` over a checkpoint file and update the checkpoint's manifest to match, as an attacker
+    would: the manifest proves a save finished, it is no defence against a crafted file."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    path.write_bytes(payload)
+    ckpt = next(p for p in path.parents if (p / "COMPLETE.json").is_file())
+    manifest = json.loads((ckpt / "COMPLETE.json").read_text())
+    manifest["files"][str(path.relative_to(ckpt))] = len(payload)
+    (ckpt / "COMPLETE.json").write_text(json.dumps(manifest))
+
+
 def one_line_error(proc) -> str:
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "return func" not in l]
@@ -95,7 +108,7 @@ def test_truncated_and_pickled_checkpoints_are_refused_without_executing(tmp_pat
     evil = tmp_path / "evil"
     shutil.copytree(base, evil)
     meta = list_checkpoints(evil)[-1] / "sharded" / ".metadata"
-    meta.write_bytes(pickle.dumps(Evil()))
+    tamper(meta, pickle.dumps(Evil()))
     if os.path.exists(MARKER):
         os.remove(MARKER)
     msg = one_line_error(finetune(tmp_path / "2", init_from=evil))
@@ -114,7 +127,7 @@ def test_dotted_global_through_an_allowed_module_is_refused(tmp_path, base, modu
     shutil.copytree(base, evil)
     meta = list_checkpoints(evil)[-1] / "sharded" / ".metadata"
     payload = dotted_global_pickle(module, dotted, f"touch {MARKER}")
-    meta.write_bytes(payload)
+    tamper(meta, payload)
     if os.path.exists(MARKER):
         os.remove(MARKER)
     msg = one_line_error(finetune(tmp_path / "ft", init_from=evil))
@@ -149,3 +162,157 @@ def test_resume_with_another_world_size_is_refused(tmp_path, base):
                  nproc=2, check=False)
     assert proc.returncode != 0
     assert "written by 1 ranks, this run has 2" in proc.stderr
+
+
+# ---- every numeric range, every bad path, through the real CLIs: one line naming the key or file, a
+# non-zero exit, and no file of the existing run (`base`) changed --------------------------------------
+import hashlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tests.launch import REPO, env  # noqa: E402
+
+
+def snapshot(run_dir) -> dict:
+    return {str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns,
+                                          p.stat().st_mode)
+            for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+
+
+def recipe(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "recipes" / script), *map(str, args)], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(proc) -> str:
+    """Exit != 0, exactly one line (warnings aside) carrying 'error:', no traceback."""
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    lines = [l for l in proc.stderr.splitlines() if l.strip() and "Warning" not in l and "return func" not in l]
+    assert len(lines) == 1 and "error: " in lines[0], proc.stderr[-3000:]
+    return lines[0]
+
+
+RANGES = [
+    ("--data.num_known_facts=-5", "data.num_known_facts"), ("--data.num_new_facts=-1", "data.num_new_facts"),
+    ("--data.fact_offset=-1", "data.fact_offset"), ("--data.num_background_facts=-3", "data.num_background_facts"),
+    ("--data.background_offset=-2", "data.background_offset"), ("--data.fact_ratio=1.5", "data.fact_ratio"),
+    ("--data.fact_ratio=-0.1", "data.fact_ratio"), ("--checkpoint.interval=-1", "checkpoint.interval"),
+    ("--checkpoint.keep_latest=0", "checkpoint.keep_latest"), ("--logging.interval=0", "logging.interval"),
+    ("--optim.lr=1e999", "optim.lr"), ("--optim.lr=-0.1", "optim.lr"),
+    ("--optim.weight_decay=-0.1", "optim.weight_decay"), ("--optim.momentum=1.5", "optim.momentum"),
+    ("--optim.betas=(0.9,1.5)", "optim.betas"), ("--optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("--optim.grad_clip=-1", "optim.grad_clip"), ("--optim.values_lr_mult=1e999", "optim.values_lr_mult"),
+    ("--sparse.consistency_interval=-1", "sparse.consistency_interval"), ("--lora.alpha=0", "lora.alpha"),
+    ("--eval.interval=-1", "eval.interval"), ("--eval.max_items=0", "eval.max_items"),
+    ("--eval.batch_size=0", "eval.batch_size"), ("--eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("--seed=-1", "seed"), ("--max_steps=-3", "max_steps"),
+]
+
+
+@pytest.mark.parametrize("arg,key", RANGES, ids=[a for a, _ in RANGES])
+def test_numeric_range_into_an_existing_run(base, arg, key):
+    before = snapshot(base)
+    proc = train("--config", "recipes/configs/tiny_pretrain.yaml", f"--output_dir={base}", "--max_steps=1", *SMALL,
+                 arg, nproc=1, check=False)
+    assert f"'{key}'" in one_line_error(proc)
+    assert snapshot(base) == before
+
+
+def _yaml(tmp_path, name: str, text: str | bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_nan_lr_from_a_yaml_file(tmp_path, base):
+    cfg = _yaml(tmp_path, "nan.yaml", f"base: {REPO / 'recipes/configs/tiny_pretrain.yaml'}\noptim:\n  lr: .nan\n")
+    before = snapshot(base)
+    proc = train("--config", str(cfg), f"--output_dir={base}", *SMALL, nproc=1, check=False)
+    assert "'optim.lr'" in one_line_error(proc)
+    assert snapshot(base) == before
+
+
+@pytest.mark.parametrize("case", ["cycle", "self", "not_utf8", "not_utf8_base"])
+def test_config_files_that_cannot_be_read(tmp_path, base, case):
+    if case == "cycle":
+        _yaml(tmp_path, "b.yaml", "base: a.yaml\n")
+        cfg, needle = _yaml(tmp_path, "a.yaml", "base: b.yaml\nseed: 1\n"), "cycle"
+    elif case == "self":
+        cfg, needle = _yaml(tmp_path, "a.yaml", "base: a.yaml\n"), "cycle"
+    elif case == "not_utf8":
+        cfg, needle = _yaml(tmp_path, "latin1.yaml", "seed: 1\n# caf\xe9\n".encode("latin-1")), "UTF-8"
+    else:
+        bad = _yaml(tmp_path, "bad_base.yaml", b"seed: \xff\xfe\n")
+        cfg, needle = _yaml(tmp_path, "child.yaml", "base: bad_base.yaml\n"), "UTF-8"
+        before = snapshot(base)
+        msg = one_line_error(train("--config", str(cfg), f"--output_dir={base}", nproc=1, check=False))
+        assert str(bad) in msg and needle in msg
+        assert snapshot(base) == before
+        return
+    before = snapshot(base)
+    msg = one_line_error(train("--config", str(cfg), f"--output_dir={base}", nproc=1, check=False))
+    assert str(cfg) in msg and needle in msg
+    assert snapshot(base) == before
+
+
+@pytest.mark.parametrize("case", ["empty", "file", "under_file", "not_writable", "cannot_create"])
+def test_output_dirs_that_cannot_be_run_directories(tmp_path, base, case):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory\n")
+    target = {"empty": "", "file": a_file, "under_file": a_file / "run", "not_writable": "/proc/1/smf_run",
+              "cannot_create": "/proc/smf_no_such_dir/run"}[case]
+    before, content = snapshot(base), a_file.read_text()
+    proc = train("--config", "recipes/configs/tiny_pretrain.yaml", f"--output_dir={target}", "--max_steps=1", *SMALL,
+                 nproc=1, check=False, timeout=300)
+    msg = one_line_error(proc)
+    assert "output_dir" in msg and (case == "empty" or str(target) in msg), msg
+    assert snapshot(base) == before and a_file.read_text() == content
+    assert not list(Path.cwd().glob("metrics.jsonl")) and not (REPO / "checkpoints").exists()
+
+
+def test_init_from_a_healthy_run_of_another_model_size_says_what_differs(tmp_path, base):
+    before = snapshot(base)
+    msg = one_line_error(finetune(tmp_path, "--model.ffn_hidden=512", init_from=base))
+    assert str(base) in msg and "shape" in msg and "[768" in msg and "512" in msg
+    assert "delete" not in msg and "corrupt" not in msg
+    assert snapshot(base) == before
+
+
+@pytest.mark.parametrize("case", ["dir", "under_file"])
+def test_evaluate_out_that_cannot_be_written(tmp_path, base, case):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = {"dir": tmp_path, "under_file": a_file / "eval.json"}[case]
+    before = snapshot(base)
+    msg = one_error_line(recipe("evaluate.py", "--checkpoint", base, "--out", out))
+    assert "--out" in msg and str(out) in msg
+    assert snapshot(base) == before and a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("case", ["file", "under_file"])
+def test_sweep_out_that_cannot_be_a_directory(tmp_path, base, case):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = {"file": a_file, "under_file": a_file / "sweep"}[case]
+    before = snapshot(base)
+    msg = one_error_line(recipe("sweep.py", "--grid", "lr=1,2", "--base-config",
+                                "recipes/configs/tiny_fact_learning.yaml", "--init_from", base, "--out", out))
+    assert "--out" in msg and str(out) in msg
+    assert snapshot(base) == before and a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("case", ["under_file", "dir"])
+def test_plot_out_that_cannot_be_written(tmp_path, base, case):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    if case == "dir":
+        out = tmp_path / "x.png"
+        out.mkdir()
+    else:
+        out = a_file / "x.png"
+    before = snapshot(base)
+    msg = one_error_line(recipe("plot_pareto.py", base, "--out", out))
+    assert "--out" in msg and str(out) in msg
+    assert snapshot(base) == before and a_file.read_text() == "x"

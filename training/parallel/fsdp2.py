@@ -112,6 +112,8 @@ class FSDP2Strategy:
                              "another model config?")
         for k in missing:
             state["model"].pop(k)
+        safe_dcp.check_shapes(path, {f"model.{k}": tuple(v.shape) for k, v in state["model"].items()
+                                     if hasattr(v, "shape")})
         safe_dcp.load(state, path)
         set_model_state_dict(self.module, state["model"], options=StateDictOptions(strict=False))
         if with_optim:

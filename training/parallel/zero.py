@@ -330,18 +330,15 @@ class ZeroStrategy:
     def _load_model_weights(self, path: str, allow_missing: Callable[[str], bool]) -> None:
         """Full tensors of "model.<name>" (DCP, FSDP2's or our layout) into the model, at most
         LOAD_BUDGET_BYTES per read round; then the ZeRO optimizer's fp32 master partitions follow."""
-        from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-        stored = FileSystemReader(path).read_metadata().state_dict_metadata
+        from training import safe_dcp    # the metadata is a pickle: never through the stock reader
+        stored = safe_dcp.stored_shapes(path)
         named = self._named_tensors(with_duplicates=False)
         missing = [n for n, _ in named if f"model.{n}" not in stored]
         if [n for n in missing if not allow_missing(n)]:
             raise ValueError(f"checkpoint {path} lacks model weights {missing[:3]}...; was it written for "
                              "another model config?")
         todo = [(n, t, tuple(getattr(t, "ds_shape", t.shape))) for n, t in named if n not in missing]
-        for n, _, shape in todo:
-            if tuple(stored[f"model.{n}"].size) != shape:
-                raise ValueError(f"checkpoint {path}: weight {n} has shape {tuple(stored[f'model.{n}'].size)}, the "
-                                 f"model has {shape}; use a checkpoint of the same model config")
+        safe_dcp.check_shapes(path, {f"model.{n}": shape for n, _, shape in todo})
         rounds: list[list] = [[]]
         used = 0
         for item in todo:
@@ -353,7 +350,7 @@ class ZeroStrategy:
             used += size
         for group in rounds:
             full = {n: torch.empty(shape, dtype=t.dtype) for n, t, shape in group}
-            dcp.load({"model": full}, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            safe_dcp.load({"model": full}, path)
             tensors = [t for _, t, _ in group]
             # Every rank read the same full tensors. ZeRO-3: rank 0 writes them into the gathered
             # parameters and GatheredParameters re-partitions them on exit; otherwise every rank copies.
