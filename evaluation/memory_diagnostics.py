@@ -243,15 +243,6 @@ RELIANCE_TARGET = 0.5
 at least half of the known facts' F1 -- otherwise the facts are stored in the dense layers."""
 
 
-def add_reliance_target(health: dict[str, Any]) -> None:
-    """Add ``memory_reliance`` (from :func:`memory_reliance`'s ``health/known_memory_reliance``) to
-    ``health["health/targets"]``."""
-    value = health.get("health/known_memory_reliance")
-    health.setdefault("health/targets", {})["memory_reliance"] = {
-        "value": value, "target": f">= {RELIANCE_TARGET}",
-        "met": bool(value is not None and not math.isnan(value) and value >= RELIANCE_TARGET)}
-
-
 def topk_exp_entropy(weights: Tensor, k: int) -> float:
     """Mean over lookups (one head, one token) of exp(entropy) of the top-k softmax weights: k when the
     read is flat, 1 when one slot takes all the weight. `weights`: (..., heads*k) with 0 rows = padding."""
@@ -296,7 +287,8 @@ def jaccard_stats(a: Sequence[Tensor], b: Sequence[Tensor] | None = None) -> dic
 
 def memory_health(*, total_counts: Tensor, document_frequency: Tensor, num_batches: int,
                   known: Sequence[dict[str, Tensor]], new: Sequence[dict[str, Tensor]],
-                  background_weights: Tensor | None, k: int) -> dict[str, Any]:
+                  background_weights: Tensor | None, k: int,
+                  reliance: dict[str, float | None] | None = None) -> dict[str, Any]:
     """The health of a memory for sparse finetuning, from background usage and the reads of the known and
     new facts' evaluation prompts (see :func:`prompt_reads`). Keys (``health/...``):
 
@@ -309,7 +301,9 @@ def memory_health(*, total_counts: Tensor, document_frequency: Tensor, num_batch
     * jaccard_{new_new,new_known}{,_max}: Jaccard of answer-position slot sets (mean over pairs; mean of the
       max); jaccard_lowdf_prompt_*: the same for the low-DF slots read anywhere in the prompt (what a
       TF-IDF selection of a fact's statements can reach);
-    * targets: each HEALTH_TARGETS entry with its value and whether it is met.
+    * known_f1, known_f1_memory_off, known_memory_reliance, ...: ``reliance`` (:func:`memory_reliance`), when given;
+    * targets: each HEALTH_TARGETS entry (and memory_reliance >= RELIANCE_TARGET with ``reliance``) with its
+      value and whether it is met.
     """
     out: dict[str, Any] = {f"health/{key}": v for key, v in usage_stats(total_counts).items()}
     out["health/slots_read_frac"] = out.pop("health/slots_used_frac")
@@ -345,9 +339,14 @@ def memory_health(*, total_counts: Tensor, document_frequency: Tensor, num_batch
     values = {"slots_read_frac": out.get("health/slots_read_frac"),
               "answer_weight_low_df": out.get("health/new_answer_weight_low_df"),
               "jaccard_new_known_max": out.get("health/jaccard_new_known_max")}
+    targets = dict(HEALTH_TARGETS)
+    if reliance is not None:
+        out.update({f"health/{key}": v for key, v in reliance.items()})
+        values["memory_reliance"] = out.get("health/known_memory_reliance")
+        targets["memory_reliance"] = RELIANCE_TARGET
     out["health/targets"] = {
         key: {"value": values[key], "target": (">= " if key != "jaccard_new_known_max" else "< ") + str(t),
               "met": bool(values[key] is not None and not math.isnan(values[key])
                           and (values[key] < t if key == "jaccard_new_known_max" else values[key] >= t))}
-        for key, t in HEALTH_TARGETS.items()}
+        for key, t in targets.items()}
     return out

@@ -94,21 +94,26 @@ def build_summary(*, stage: str, method: str, steps: int, wall_time_s: float,
     }
 
 
-def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> None:
-    """Write `summary` as JSON atomically (a reader never sees a half-written summary.json)."""
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write via a temporary name + rename (a reader never sees a half-written file); the file follows the
+    umask like every other file of a run (safetensors' save_file and mkstemp would create it 0600)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-    # not mkstemp: it creates the file 0600; summary.json follows the umask like every other file of a run
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> None:
+    """Write `summary` as JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
 
 
 def read_summary(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from evaluation.summary import write_bytes_atomic
 from training import distributed as D
 from training import faults
 
@@ -52,21 +53,6 @@ def save_tree(path: str | Path, tree: dict) -> None:
     meta: dict[str, Any] = {}
     _flatten(tree, "", tensors, meta)
     write_bytes_atomic(path, save(tensors, metadata={"tree": json.dumps(meta)}))
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write via a temporary name + rename; the file follows the umask like every other file of a run
-    (safetensors' save_file and mkstemp would create it 0600)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_tree(path: str | Path) -> dict:

@@ -21,7 +21,7 @@ import yaml
 
 from evaluation import build_summary, write_summary
 from data_pipeline.facts import eval_prompt
-from evaluation.memory_diagnostics import (HIGH_DF_FRACTION, ReadRecorder, add_reliance_target, memory_health,
+from evaluation.memory_diagnostics import (HIGH_DF_FRACTION, ReadRecorder, memory_health,
                                           memory_reliance, prompt_reads, usage_stats)
 from sparse_update import SparseMemoryFinetuner
 from training import checkpoint as C
@@ -59,8 +59,7 @@ def check_output_dir(output_dir: str) -> Path:
     if problem is not None:
         raise ValueError(f"output_dir {output_dir!r} {problem}; pass --output_dir=DIR (a new or this stage's "
                          "run directory)")
-    run_dir = Path(output_dir)
-    return run_dir
+    return Path(output_dir)
 
 
 def lock_run_dir(run_dir: Path) -> int:
@@ -399,16 +398,14 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
     # memory health (the gate before a finetune sweep): background usage + the facts' evaluation-prompt reads
     reads = {name: prompt_reads(strategy.module, tokenizer, [eval_prompt(r) for r in records], device=dist_info.device)
              for name, records in (("known", facts.known), ("new", facts.new))}
+    # does the model answer from its memory at all? (known F1 with the memory switched off)
+    reliance = memory_reliance(strategy.module, tokenizer, facts.known[:config.eval.max_items],
+                               batch_size=config.eval.batch_size, device=dist_info.device,
+                               max_new_tokens=config.eval.max_new_tokens) if facts.known else None
     health = memory_health(total_counts=total_counts, document_frequency=tracker.document_frequency,
                            num_batches=tracker.num_batches, known=reads["known"], new=reads["new"],
                            background_weights=torch.cat(weights) if weights else None,
-                           k=model.config.memory.k)
-    if facts.known:   # does the model answer from its memory at all? (known F1 with the memory switched off)
-        reliance = memory_reliance(strategy.module, tokenizer, facts.known[:config.eval.max_items],
-                                   batch_size=config.eval.batch_size, device=dist_info.device,
-                                   max_new_tokens=config.eval.max_new_tokens)
-        health.update({f"health/{k}": v for k, v in reliance.items()})
-        add_reliance_target(health)
+                           k=model.config.memory.k, reliance=reliance)
     log.log(num, {k: v for k, v in health.items() if isinstance(v, (int, float))}, kind="health", console=False)
     C.save_checkpoint(run_dir, num, strategy=strategy, values=values, values_optimizer=None,
                       sparse_state=finetuner.state_dict(),

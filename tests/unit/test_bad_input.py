@@ -280,39 +280,25 @@ def test_init_from_a_healthy_run_of_another_model_size_says_what_differs(tmp_pat
     assert snapshot(base) == before
 
 
-@pytest.mark.parametrize("case", ["dir", "under_file"])
-def test_evaluate_out_that_cannot_be_written(tmp_path, base, case):
+OUT_CASES = [  # (tool, where --out points): a directory, a file, or a path under a file
+    ("evaluate.py", "dir"), ("evaluate.py", "under_file"),
+    ("sweep.py", "file"), ("sweep.py", "under_file"),
+    ("plot_pareto.py", "dir"), ("plot_pareto.py", "under_file"),
+]
+
+
+@pytest.mark.parametrize("tool,case", OUT_CASES)
+def test_out_paths_that_cannot_be_written(tmp_path, base, tool, case):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    out = {"dir": tmp_path, "under_file": a_file / "eval.json"}[case]
-    before = snapshot(base)
-    msg = one_error_line(recipe("evaluate.py", "--checkpoint", base, "--out", out))
-    assert "--out" in msg and str(out) in msg
-    assert snapshot(base) == before and a_file.read_text() == "x"
-
-
-@pytest.mark.parametrize("case", ["file", "under_file"])
-def test_sweep_out_that_cannot_be_a_directory(tmp_path, base, case):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    out = {"file": a_file, "under_file": a_file / "sweep"}[case]
-    before = snapshot(base)
-    msg = one_error_line(recipe("sweep.py", "--grid", "lr=1,2", "--base-config",
-                                "recipes/configs/tiny_fact_learning.yaml", "--init_from", base, "--out", out))
-    assert "--out" in msg and str(out) in msg
-    assert snapshot(base) == before and a_file.read_text() == "x"
-
-
-@pytest.mark.parametrize("case", ["under_file", "dir"])
-def test_plot_out_that_cannot_be_written(tmp_path, base, case):
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
+    name = {"evaluate.py": "eval.json", "sweep.py": "sweep", "plot_pareto.py": "x.png"}[tool]
+    out = {"file": a_file, "under_file": a_file / name, "dir": tmp_path / name}[case]
     if case == "dir":
-        out = tmp_path / "x.png"
         out.mkdir()
-    else:
-        out = a_file / "x.png"
+    args = {"evaluate.py": ["--checkpoint", base],
+            "sweep.py": ["--grid", "lr=1,2", "--base-config", "recipes/configs/tiny_fact_learning.yaml", "--init_from", base],
+            "plot_pareto.py": [base]}[tool]
     before = snapshot(base)
-    msg = one_error_line(recipe("plot_pareto.py", base, "--out", out))
+    msg = one_error_line(recipe(tool, *args, "--out", out))
     assert "--out" in msg and str(out) in msg
     assert snapshot(base) == before and a_file.read_text() == "x"

@@ -105,6 +105,12 @@ def test_health_statistics_by_hand() -> None:
     assert h["health/jaccard_new_known_max"] == pytest.approx(1 / 6)
     targets = h["health/targets"]
     assert targets["slots_read_frac"]["met"] is False and targets["answer_weight_low_df"]["met"] is True
+    assert "memory_reliance" not in targets
+    # with memory_reliance's numbers: its keys and a fourth target (0.4 < 0.5: not met; None: not met)
+    for value, met in ((0.4, False), (0.6, True), (None, False)):
+        r = memory_health(total_counts=counts, document_frequency=df, num_batches=10, known=known, new=new,
+                          background_weights=None, k=2, reliance={"known_f1": 0.5, "known_memory_reliance": value})
+        assert r["health/known_f1"] == 0.5 and r["health/targets"]["memory_reliance"]["met"] is met
 
 
 def test_selection_vs_memory_all_and_forgetting_curve() -> None:
