@@ -78,8 +78,13 @@ def broadcast_object(obj):
     return box[0]
 
 
-def close() -> None:
+def close(*, together: bool = False) -> None:
+    """Destroy the process group. ``together``: every rank is here (a stage's normal end), so first meet at
+    a barrier -- a rank that tore down its gloo group while rank 0 was still writing the run's results
+    was seen to abort ("terminate called without an active exception") after finishing its work."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

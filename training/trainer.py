@@ -161,7 +161,7 @@ def run(config) -> dict[str, Any]:
     run_dir = prepare_run_dir(config, dist_info)
     if run_dir is None:
         _print(dist_info, f"stage already complete in {config.output_dir}")
-        D.close()
+        D.close(together=True)
         return {"complete": True}
     log = MetricsLogger(run_dir, enabled=dist_info.is_main)
     try:
@@ -335,7 +335,7 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
             if dist_info.is_main:
                 (run_dir / "PREEMPTED").write_text(f"stopped by signal at step {step}\n")
             _print(dist_info, f"preempted: checkpoint at step {step} written; re-run to resume")
-            D.close()
+            D.close(together=True)
             return {"preempted": True, "step": step}
     if progress is not None:
         progress.close()
@@ -359,7 +359,7 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     if dist_info.is_main:
         write_summary(run_dir / "summary.json", summary)
     log.flush()
-    D.close()
+    D.close(together=True)
     return summary
 
 
@@ -418,7 +418,7 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
     summary["health"] = health
     if dist_info.is_main:
         write_summary(run_dir / "summary.json", summary)
-    D.close()
+    D.close(together=True)
     return summary
 
 
