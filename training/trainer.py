@@ -216,10 +216,15 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         sparse_state = C.load_sparse_state(ckpt)
         if sparse_state is not None and finetuner is not None:
             finetuner.load_state_dict(sparse_state)
-        stream.load_state_dict(state["ranks"][dist_info.rank]["stream"])
         step = int(state["step"])
         resumed_state = C.load_run_state(ckpt) or {}
-        log.rewind(state.get("metrics_offset"), step)    # lines the abandoned attempt logged after this checkpoint
+        if config.stage == "background":
+            # its weights are the init's and it trains nothing: a resumed background stage is redone from its
+            # first batch (fresh stream), and what the abandoned attempt logged is dropped from the stage start
+            log.rewind(state.get("metrics_offset"), -1)
+        else:
+            stream.load_state_dict(state["ranks"][dist_info.rank]["stream"])
+            log.rewind(state.get("metrics_offset"), step)    # lines the abandoned attempt logged after this checkpoint
         _print(dist_info, f"resumed from {ckpt} at step {step}")
         log.log(step, {}, kind="resume", console=False, extra={"checkpoint": ckpt.name})
     elif config.init_from:
@@ -372,6 +377,7 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
     if config.max_steps:
         num = min(num, config.max_steps)
     tracker = finetuner.background_tracker
+    stage_offset = log.offset()     # a resume rewinds metrics.jsonl to here (the stage is redone whole)
     tracker.start_collection()
     total_counts = torch.zeros(values.shape[0], dtype=torch.int64)
     strategy.module.eval()
@@ -409,7 +415,8 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
     log.log(num, {k: v for k, v in health.items() if isinstance(v, (int, float))}, kind="health", console=False)
     C.save_checkpoint(run_dir, num, strategy=strategy, values=values, values_optimizer=None,
                       sparse_state=finetuner.state_dict(),
-                      trainer_state={"stage": "background", "method": "-", "fingerprint": config.fingerprint()},
+                      trainer_state={"stage": "background", "method": "-", "fingerprint": config.fingerprint(),
+                                     "metrics_offset": stage_offset},
                       rank_state={"stream": stream.state_dict()}, dist_info=dist_info,
                       keep_latest=config.checkpoint.keep_latest)
     summary = build_summary(stage="background", method="-", steps=num, wall_time_s=time.time() - t_start,

@@ -89,6 +89,27 @@ def test_kill_9_after_a_checkpoint_resumes_to_the_uninterrupted_summary(tiny_run
     assert torch.equal(values_of(out), values_of(reference))
 
 
+def test_background_killed_after_its_checkpoint_resumes_to_the_uninterrupted_summary(tiny_runs):
+    """Every rank dies right after the background checkpoint, before summary.json. The re-run redoes the stage
+    from its first batch: the same document frequencies and health numbers as the uninterrupted `bg/` run
+    (before: it resumed the stream past the counted batches and logged the stage twice)."""
+    out = tiny_runs / "rel_bg_killed"
+    cmd = ["--config", "recipes/configs/tiny_background.yaml", f"--output_dir={out}",
+           f"--init_from={tiny_runs / 'pre'}", "--sparse.background_batches=3", *SMALL]
+    proc = train(*cmd, check=False, extra=["--max-restarts=0"], env_extra={"SMF_FAULT": "crash_after_save:3"})
+    assert proc.returncode != 0 and not (out / "summary.json").exists()
+    assert [p.name for p in list_checkpoints(out)] == ["step_000003"]
+    again = train(*cmd)
+    assert "resumed from" in again.stdout
+    got, want = summary(out), summary(tiny_runs / "bg")
+    got.pop("wall_time_s"), want.pop("wall_time_s")
+    assert got == want
+    df = lambda run: load_tree(list_checkpoints(run)[-1] / "sparse.safetensors")["document_frequency"]  # noqa: E731
+    assert torch.equal(df(out), df(tiny_runs / "bg"))
+    kinds = [r["kind"] for r in log_rows(out)]
+    assert kinds.count("background") == 1 and kinds.count("health") == 1      # the stage logged once
+
+
 def test_crash_while_saving_leaves_the_previous_checkpoint_and_resumes(tiny_runs, reference):
     out = tiny_runs / "rel_crash_save"
     proc = train(*FT, f"--output_dir={out}", f"--init_from={tiny_runs / 'bg'}", check=False,
