@@ -5,7 +5,7 @@
 """
 
 from .args import SparseMemoryFinetuningArgs
-from .background import BackgroundTracker, load_background_file, save_background_file
+from .background import BackgroundTracker, load_background_file, load_background_statistics, save_background_file
 from .finetuner import SparseMemoryFinetuner
 from .tfidf import (
     count_slot_accesses,
@@ -24,6 +24,7 @@ __all__ = [
     "count_slot_accesses",
     "inverse_document_frequency",
     "load_background_file",
+    "load_background_statistics",
     "save_background_file",
     "score_slots",
     "select_all_accessed",

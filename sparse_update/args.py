@@ -6,6 +6,11 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 MODES = ("top_t", "all_accessed")
+RANKINGS = ("tfidf", "tf", "kl", "seq_tfidf")
+"""tfidf: the paper's c(i)/Σc · idf(i) over the global batch; tf: c(i) alone (the TF-only ablation); kl: each
+slot's term of KL(batch access distribution ‖ background access distribution) (arXiv 2604.05248);
+seq_tfidf: every sequence of the global batch ranks by its own TF-IDF and contributes its top t/R slots (R
+sequences), the union is kept and the rest of the budget filled by the batch TF-IDF (see tfidf.py)."""
 
 
 @dataclass
@@ -17,7 +22,10 @@ class SparseMemoryFinetuningArgs:
     top_t: int = 500
     """Number of value rows trainable per step in mode "top_t" (paper: 500 for facts, 10,000 for documents)."""
     use_idf: bool = True
-    """Rank by TF-IDF against the background statistics; False ranks by the batch counts c(i) alone (TF-only)."""
+    """Rank against the background statistics; False is the TF-only ablation (the same as ranking="tf")."""
+    ranking: str = "tfidf"
+    """How mode "top_t" ranks the accessed slots: one of RANKINGS. use_idf=False turns "tfidf" into "tf";
+    after construction use_idf is True exactly when the ranking needs background statistics."""
     mode: str = "top_t"
     """"top_t": train the top_t rows by score; "all_accessed": train every row the global batch accessed."""
     dense_output: bool = False
@@ -40,6 +48,16 @@ class SparseMemoryFinetuningArgs:
             raise ValueError(
                 f"sparse_update.top_t must be > 0, got {self.top_t}; the paper uses 500 (facts) or 10000 (documents)"
             )
+        if self.ranking not in RANKINGS:
+            raise ValueError(
+                f"sparse_update.ranking must be one of {', '.join(repr(r) for r in RANKINGS)}, got {self.ranking!r}"
+            )
+        if not self.use_idf:
+            if self.ranking not in ("tfidf", "tf"):
+                raise ValueError(f"sparse_update.use_idf=False is the TF-only ranking; it contradicts "
+                                 f"ranking={self.ranking!r} (drop use_idf or set ranking='tf')")
+            self.ranking = "tf"
+        self.use_idf = self.ranking != "tf"
         if self.mode not in MODES:
             raise ValueError(
                 f"sparse_update.mode must be one of {', '.join(repr(m) for m in MODES)}, got {self.mode!r}"

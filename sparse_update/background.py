@@ -3,7 +3,11 @@
 A "document" is one global background batch: every rank's data of one step. df(i) counts the global
 batches in which slot i was looked up at least once.
 
-File format (safetensors, never pickle): one int64 tensor `document_frequency` of length N and string
+The tracker also sums the raw lookup counts over those batches, C_bg(i) (the background access
+distribution of the KL ranking, arXiv 2604.05248).
+
+File format (safetensors, never pickle): one int64 tensor `document_frequency` of length N, optionally an
+int64 tensor `access_counts` of length N (files written before the KL ranking lack it), and string
 metadata `format`, `format_version`, `num_slots`, `num_batches` plus whatever the caller adds.
 """
 
@@ -20,6 +24,7 @@ from .tfidf import Indices, inverse_document_frequency
 FORMAT_NAME = "sparse_update.background"
 FORMAT_VERSION = 1
 DF_KEY = "document_frequency"
+ACCESS_KEY = "access_counts"
 _RESERVED_METADATA = ("format", "format_version", "num_slots", "num_batches")
 
 
@@ -31,6 +36,7 @@ class BackgroundTracker:
         self._num_slots = int(num_slots)
         self._global_counts = global_counts
         self._df = torch.zeros(self._num_slots, dtype=torch.int64)
+        self._access: Tensor | None = torch.zeros(self._num_slots, dtype=torch.int64)
         self._num_batches = 0
         self._collecting = False
         self._idf: Tensor | None = None  # cached: the statistics are fixed while finetuning
@@ -44,6 +50,12 @@ class BackgroundTracker:
     def document_frequency(self) -> Tensor:
         """int64 tensor [N]: number of background batches in which each slot was accessed."""
         return self._df
+
+    @property
+    def access_counts(self) -> Tensor | None:
+        """int64 tensor [N]: lookups of each slot summed over the background batches, C_bg(i); None when the
+        statistics were loaded from a file or checkpoint written before they were recorded."""
+        return self._access
 
     @property
     def num_batches(self) -> int:
@@ -65,6 +77,7 @@ class BackgroundTracker:
         """Begin counting; reset=False continues from the current statistics (e.g. after resuming)."""
         if reset:
             self._df = torch.zeros(self._num_slots, dtype=torch.int64, device=self._df.device)
+            self._access = torch.zeros_like(self._df)
             self._num_batches = 0
             self._idf = None
         self._collecting = True
@@ -80,6 +93,8 @@ class BackgroundTracker:
         if self._df.device != counts.device:
             self._df = self._df.to(counts.device)
         self._df += counts > 0
+        if self._access is not None:
+            self._access = self._access.to(counts.device) + counts.to(torch.int64)
         self._num_batches += 1
         self._idf = None
         return counts
@@ -88,10 +103,14 @@ class BackgroundTracker:
         """Stop counting; the statistics stay available."""
         self._collecting = False
 
-    def set_statistics(self, document_frequency: Tensor, num_batches: int) -> None:
+    def set_statistics(self, document_frequency: Tensor, num_batches: int,
+                       access_counts: Tensor | None = None) -> None:
         """Replace the statistics (used by loading); validates shape, dtype and range."""
         df = _validate_df(document_frequency, num_batches, self._num_slots, source="statistics")
+        if access_counts is not None:
+            access_counts = _validate_access(access_counts, df, source="statistics")
         self._df = df.to(self._df.device)
+        self._access = access_counts.to(self._df.device) if access_counts is not None else None
         self._num_batches = int(num_batches)
         self._idf = None
 
@@ -108,11 +127,20 @@ def _validate_df(df: Tensor, num_batches: int, num_slots: int, *, source: str) -
     return df
 
 
+def _validate_access(access: Tensor, df: Tensor, *, source: str) -> Tensor:
+    if not isinstance(access, Tensor) or access.dtype != torch.int64 or access.shape != df.shape:
+        raise ValueError(f"{source}: access_counts must be an int64 tensor of {df.numel()} entries")
+    if access.numel() and (int(access.min()) < 0 or bool(((access > 0) != (df > 0)).any())):
+        raise ValueError(f"{source}: access_counts must be >= 0 and nonzero exactly where document_frequency is")
+    return access
+
+
 def save_background_file(
     path: str | os.PathLike,
     *,
     document_frequency: Tensor,
     num_batches: int,
+    access_counts: Tensor | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write the statistics as safetensors, atomically (temp file + rename)."""
@@ -136,7 +164,10 @@ def save_background_file(
     os.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        save_file({DF_KEY: document_frequency.detach().to("cpu", torch.int64).contiguous()}, tmp, metadata=meta)
+        tensors = {DF_KEY: document_frequency.detach().to("cpu", torch.int64).contiguous()}
+        if access_counts is not None:
+            tensors[ACCESS_KEY] = access_counts.detach().to("cpu", torch.int64).contiguous()
+        save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -144,7 +175,15 @@ def save_background_file(
 
 
 def load_background_file(path: str | os.PathLike, *, num_slots: int) -> tuple[Tensor, int, dict[str, str]]:
-    """Read and validate a background file: (document_frequency int64 [N], num_batches, metadata).
+    """Read and validate a background file: (document_frequency int64 [N], num_batches, metadata)."""
+    df, num_batches, _, meta = load_background_statistics(path, num_slots=num_slots)
+    return df, num_batches, meta
+
+
+def load_background_statistics(path: str | os.PathLike, *, num_slots: int
+                               ) -> tuple[Tensor, int, Tensor | None, dict[str, str]]:
+    """Read and validate a background file: (document_frequency, num_batches, access_counts or None when the
+    file predates them, metadata).
 
     Raises ValueError naming the file when it is not a valid background file or was made for another N.
     The file is parsed by safetensors only; nothing in it is ever executed or unpickled.
@@ -159,6 +198,7 @@ def load_background_file(path: str | os.PathLike, *, num_slots: int) -> tuple[Te
             meta = dict(f.metadata() or {})
             keys = list(f.keys())
             df = f.get_tensor(DF_KEY) if DF_KEY in keys else None
+            access = f.get_tensor(ACCESS_KEY) if ACCESS_KEY in keys else None
     except Exception as e:  # safetensors raises its own error types for truncated/foreign files
         raise ValueError(
             f"background file {path} is not a valid background statistics file "
@@ -187,6 +227,8 @@ def load_background_file(path: str | os.PathLike, *, num_slots: int) -> tuple[Te
         )
     try:
         df = _validate_df(df, num_batches, file_slots, source=f"background file {path}")
+        if access is not None:
+            access = _validate_access(access, df, source=f"background file {path}")
     except ValueError as e:
         raise invalid(str(e)) from None
-    return df, num_batches, meta
+    return df, num_batches, access, meta

@@ -21,9 +21,11 @@ from torch.utils.hooks import RemovableHandle
 
 from . import comm
 from .args import SparseMemoryFinetuningArgs
-from .background import BackgroundTracker, load_background_file, save_background_file
+from .background import BackgroundTracker, load_background_statistics, save_background_file
 from .hook import gather_rows_, mask_rows, rows_to_grad
-from .tfidf import Indices, count_slot_accesses, quantiles, score_slots, select_all_accessed, top_k_positions
+from .tfidf import (Indices, background_access_probability, count_slot_accesses, kl_scores, quantiles,
+                    rank_lexicographic, score_slots, select_all_accessed, sequence_votes, sequences_read,
+                    top_k_positions)
 
 STATE_VERSION = 1
 
@@ -129,6 +131,12 @@ class SparseMemoryFinetuner:
                 "use_idf=True needs background statistics: call load_background_indices(path) (or collect "
                 "them with background_tracker) before update_trainable_indices, or set use_idf=False"
             )
+        ranking = self.args.ranking
+        if self.args.mode == "top_t" and ranking == "kl" and tracker.access_counts is None:
+            raise RuntimeError(
+                "ranking='kl' needs the background access counts, which these background statistics (written "
+                "before they were recorded) lack; re-run the background stage"
+            )
         counts = self._global_counts(indices)
         # Work on the accessed slots only: after the bincount, nothing below touches all N slots.
         accessed = select_all_accessed(counts)
@@ -136,12 +144,30 @@ class SparseMemoryFinetuner:
         if self.args.use_idf:
             idf_all = tracker.inverse_document_frequency()
             idf = idf_all.index_select(0, accessed.to(idf_all.device))
-        scores = score_slots(counts.index_select(0, accessed), idf)
-        if self.args.mode == "top_t":
+        scores = score_slots(counts.index_select(0, accessed), idf)     # TF-IDF (TF when idf is None)
+        extra: dict[str, float] = {}
+        if self.args.mode != "top_t":
+            selected, selected_scores = accessed, scores
+        elif ranking == "kl":
+            q = self._background_probability()
+            scores = kl_scores(counts.index_select(0, accessed), q.index_select(0, accessed.to(q.device)))
             positions = top_k_positions(scores, self.args.top_t)
             selected, selected_scores = accessed[positions], scores[positions]
+        elif ranking == "seq_tfidf":
+            # every sequence's own top t/R slots (R = sequences of the global batch that read something), their
+            # union first (most-voted first when it overflows), the rest of the budget by the batch TF-IDF
+            group = self._group()
+            rows = comm.all_reduce_sum_(torch.tensor([sequences_read(indices)], dtype=torch.int64, device=self._device()), group)
+            share = max(1, self.args.top_t // max(1, int(rows.item())))
+            votes = comm.all_reduce_sum_(sequence_votes(indices, self._num_slots, tracker.inverse_document_frequency(),
+                                                        share, device=self._device()), group)
+            votes = votes.index_select(0, accessed)
+            positions = rank_lexicographic(votes, scores, self.args.top_t)
+            selected, selected_scores = accessed[positions], scores[positions]
+            extra = {"seq_union": int((votes > 0).sum()), "seq_share": share}
         else:
-            selected, selected_scores = accessed, scores
+            positions = top_k_positions(scores, self.args.top_t)
+            selected, selected_scores = accessed[positions], scores[positions]
         previous = self._trainable
         self._trainable = selected.to(self._device())
         self._grad_synced = False
@@ -158,7 +184,17 @@ class SparseMemoryFinetuner:
             "score_p50": p50,
             "score_p90": p90,
             "score_max": pmax,
+            **extra,
         }
+
+    def _background_probability(self) -> Tensor:
+        """q of the KL ranking from the background access counts, computed once per change of them."""
+        access = self.background_tracker.access_counts
+        cached = getattr(self, "_q_cache", None)
+        if cached is None or cached[0] is not access:
+            cached = (access, background_access_probability(access))
+            self._q_cache = cached
+        return cached[1]
 
     def _require_selection(self) -> Tensor:
         if self._trainable is None:
@@ -313,7 +349,7 @@ class SparseMemoryFinetuner:
             meta = {"torch_version": torch.__version__, **dict(metadata or {})}
             save_background_file(
                 path, document_frequency=tracker.document_frequency, num_batches=tracker.num_batches,
-                metadata=meta,
+                access_counts=tracker.access_counts, metadata=meta,
             )
         comm.barrier(group)
 
@@ -322,10 +358,11 @@ class SparseMemoryFinetuner:
 
         Raises ValueError naming the file if it is not a valid background file or was made for another N.
         """
-        df, num_batches, meta = load_background_file(path, num_slots=self._num_slots)
+        df, num_batches, access, meta = load_background_statistics(path, num_slots=self._num_slots)
         tracker = self.background_tracker
         tracker.stop_collection()
-        tracker.set_statistics(df.to(self._device()), num_batches)
+        tracker.set_statistics(df.to(self._device()), num_batches,
+                               access.to(self._device()) if access is not None else None)
         return meta
 
     # ------------------------------------------------------------------ checkpoints
@@ -339,6 +376,8 @@ class SparseMemoryFinetuner:
             "num_slots": self._num_slots,
             "document_frequency": tracker.document_frequency.detach().cpu().clone(),
             "num_batches": tracker.num_batches,
+            **({"access_counts": tracker.access_counts.detach().cpu().clone()}
+               if tracker.access_counts is not None else {}),
             "collecting": tracker.is_collecting,
             "has_trainable_indices": trainable is not None,
             "trainable_indices": (
@@ -366,7 +405,9 @@ class SparseMemoryFinetuner:
             warnings.warn(f"sparse_update options differ from the checkpoint's ({changed}); using the current ones")
         device = self._device()
         tracker = self.background_tracker
-        tracker.set_statistics(state["document_frequency"].to(device), int(state["num_batches"]))
+        access = state.get("access_counts")
+        tracker.set_statistics(state["document_frequency"].to(device), int(state["num_batches"]),
+                               access.to(device) if access is not None else None)
         if state.get("collecting", False):
             tracker.start_collection(reset=False)
         else:

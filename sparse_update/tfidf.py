@@ -130,3 +130,63 @@ def quantiles(values: Tensor, qs: Sequence[float]) -> list[float]:
         frac = pos - lo
         out.append((v[lo] * (1.0 - frac) + v[hi] * frac).item())
     return out
+
+
+def rank_lexicographic(primary: Tensor, secondary: Tensor, k: int) -> Tensor:
+    """Ascending positions of the k entries that are largest by `primary`, then by `secondary`; equal on both:
+    the lower position wins (exact: two stable sorts, no float combination of the keys)."""
+    n = primary.numel()
+    k = min(int(k), n)
+    order = torch.sort(secondary, descending=True, stable=True).indices
+    order = order[torch.sort(primary.index_select(0, order), descending=True, stable=True).indices]
+    return order[:k].sort().values
+
+
+def sequence_votes(indices: Indices, num_slots: int, idf: Tensor, share: int, *,
+                   device: torch.device | None = None) -> Tensor:
+    """int32 [N]: for every sequence (row of the leading dimension) of this rank's batch, a vote for each of
+    the `share` slots with the highest TF-IDF *within that sequence*, c_s(i)/Σc_s · idf(i) (ties: lower slot
+    first). A sequence that read nothing votes for nothing. Pure: the caller all-reduces the votes."""
+    tensors = [indices] if isinstance(indices, Tensor) else list(indices)
+    rows = int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else 0
+    votes = torch.zeros(num_slots, dtype=COUNT_DTYPE, device=device or tensors[0].device)
+    for r in range(rows):
+        flat = torch.cat([t[r].reshape(-1) for t in tensors]).to(device=votes.device, dtype=torch.long)
+        flat = flat[flat >= 0]
+        if flat.numel() == 0:
+            continue
+        slots, counts = torch.unique(flat, return_counts=True)      # ascending slots
+        scores = score_slots(counts, idf.to(votes.device).index_select(0, slots))
+        votes[slots[top_k_positions(scores, share)]] += 1
+    return votes
+
+
+def sequences_read(indices: Indices) -> int:
+    """How many rows of this rank's batch read at least one slot (padding = -1)."""
+    tensors = [indices] if isinstance(indices, Tensor) else list(indices)
+    if not tensors or tensors[0].dim() == 0:
+        return 0
+    real = torch.stack([(t.reshape(t.shape[0], -1) >= 0).any(1) for t in tensors]).any(0)
+    return int(real.sum())
+
+
+KL_EPS = 1e-8   # inside the log, as in the KL ranking's reference code (arXiv 2604.05248's authors)
+
+
+def background_access_probability(access_counts: Tensor) -> Tensor:
+    """q(i) = (C_bg(i) + 1) / Σ_j (C_bg(j) + 1) over all N slots (float64): the add-one smoothed share of the
+    background lookups that went to slot i."""
+    c = access_counts.to(SCORE_DTYPE) + 1.0
+    return c / c.sum()
+
+
+def kl_scores(counts: Tensor, background_probability: Tensor) -> Tensor:
+    """Each slot's term of KL(p ‖ q), p(i) · ln((p(i) + ε) / (q(i) + ε)) with p(i) = c(i)/Σc the batch's
+    access distribution and q the background's (background_access_probability), ε = 1e-8 (float64).
+
+    Like score_slots, works on any subset of slots as long as `counts` holds every nonzero count; a slot
+    the batch did not read scores 0 and is never selected (select only among counts > 0)."""
+    c = counts.to(SCORE_DTYPE)
+    p = c / c.sum().clamp_min(1.0)
+    q = background_probability.to(device=c.device, dtype=SCORE_DTYPE)
+    return p * torch.log((p + KL_EPS) / (q + KL_EPS))

@@ -105,6 +105,10 @@ class SparseSection:
     """Every N steps verify the replicated values table is bit-identical on all ranks (0 = at the end only)."""
     background_file: str = ""
     """Optional background statistics file (save_background_indices format) overriding init_from's."""
+    ranking: str = "tfidf"
+    """How --method=sparse ranks slots: tfidf (the paper) | tf (= --method=tf_only) | kl (each slot's term of
+    KL(batch access distribution ‖ background's), arXiv 2604.05248) | seq_tfidf (each sequence's own top
+    t/R slots, their union, the rest by batch TF-IDF). See sparse_update/tfidf.py."""
     count_positions: str = "all"
     """Which positions' memory reads count for the ranking: all (every real token, the paper) | loss (only
     positions that carry loss, e.g. the answer's with optim.loss_on=answer)."""
@@ -239,6 +243,12 @@ class JobConfig:
             raise bad("optim.loss_on", f"'{self.optim.loss_on}' is not one of all, answer")
         if self.optim.loss_on == "answer" and self.data.documents:
             raise bad("optim.loss_on", "answer needs fact learning (data.documents is set: chunks have no answer span)")
+        from sparse_update.args import RANKINGS
+        if self.sparse.ranking not in RANKINGS:
+            raise bad("sparse.ranking", f"'{self.sparse.ranking}' is not one of {', '.join(RANKINGS)}")
+        if self.method == "tf_only" and self.sparse.ranking not in ("tfidf", "tf"):
+            raise bad("sparse.ranking", f"--method=tf_only is ranking tf; it contradicts ranking "
+                      f"'{self.sparse.ranking}' (use --method=sparse --sparse.ranking={self.sparse.ranking})")
         if self.sparse.count_positions not in ("all", "loss"):
             raise bad("sparse.count_positions", f"'{self.sparse.count_positions}' is not one of all, loss")
         for key in ("seq_len", "batch_size", "num_paraphrases", "passes"):

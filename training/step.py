@@ -42,7 +42,7 @@ def make_plan(config) -> Plan:
     if method == "memory_all":
         return Plan(False, False, True, True, SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed"))
     return Plan(False, False, True, True, SparseMemoryFinetuningArgs(
-        enabled=True, top_t=config.sparse.top_t, use_idf=(method == "sparse")))
+        enabled=True, top_t=config.sparse.top_t, ranking="tf" if method == "tf_only" else config.sparse.ranking))
 
 
 def set_trainable(model: nn.Module, plan: Plan, lora_names: set[str]) -> None:

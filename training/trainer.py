@@ -239,7 +239,9 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
             if df.numel() != values.shape[0]:
                 raise ValueError(f"checkpoint {ckpt} holds background statistics for N={df.numel()}, this "
                                  f"model has N={values.shape[0]}; re-run the background stage for this model")
-            finetuner.background_tracker.set_statistics(df.to(values.device), int(sparse_state["num_batches"]))
+            access = sparse_state.get("access_counts")
+            finetuner.background_tracker.set_statistics(df.to(values.device), int(sparse_state["num_batches"]),
+                                                        access.to(values.device) if access is not None else None)
         _print(dist_info, f"initialised from {ckpt}")
     if config.sparse.background_file and finetuner is not None and not resume:
         finetuner.load_background_indices(config.sparse.background_file)
@@ -247,6 +249,10 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
             and plan.sparse_args.mode == "top_t" and finetuner.background_tracker.num_batches == 0):
         raise ValueError(f"init_from={config.init_from} has no background statistics; run the background stage "
                          "and finetune from its run directory (or use --method=tf_only)")
+    if (config.stage == "finetune" and plan.sparse_args.enabled and plan.sparse_args.mode == "top_t"
+            and plan.sparse_args.ranking == "kl" and finetuner.background_tracker.access_counts is None):
+        raise ValueError(f"init_from={config.init_from}: its background statistics lack the access counts "
+                         "--sparse.ranking=kl needs (written before they were recorded); re-run the background stage")
 
     # ---- the loop ------------------------------------------------------------------------------------------
     if config.stage == "background":

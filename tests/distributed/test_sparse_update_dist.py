@@ -39,13 +39,14 @@ def test_two_ranks_ran(results: list[dict]) -> None:
 
 
 def test_background_statistics_equal_single_process(results: list[dict]) -> None:
-    for key in ("bg_counts_equal_single_process", "bg_df_equal_single_process", "bg_file_roundtrip"):
+    for key in ("bg_counts_equal_single_process", "bg_df_equal_single_process", "bg_access_equal_single_process",
+                "bg_file_roundtrip"):
         assert both(results, key) == [True, True], key
     assert both(results, "bg_num_batches") == [6, 6]
     assert both(results, "bg_local_df_differs") == [True, True]  # the ranks' data really differ
 
 
-@pytest.mark.parametrize("run", ["sparse", "dense", "all_accessed"])
+@pytest.mark.parametrize("run", ["sparse", "dense", "all_accessed", "tf", "kl", "seq_tfidf"])
 def test_attached_runs_stay_identical_and_update_only_selected_rows(results: list[dict], run: str) -> None:
     for check in ("same_selection_as_single_process", "stats_same_on_all_ranks", "changed_rows_are_selected_rows",
                   "identical_across_ranks"):
@@ -75,3 +76,10 @@ def test_rank_without_gradient(results: list[dict]) -> None:
     for check in ("identical_across_ranks", "changed_rows_within_selection", "something_changed",
                   "none_anywhere_no_change"):
         assert both(results, f"missing_grad/{check}") == [True, True], check
+
+
+def test_the_rankings_choose_differently(results: list[dict]) -> None:
+    """tf, kl and seq_tfidf (each equal to one process on the global batch above) are not TF-IDF in disguise."""
+    tfidf = results[0]["sparse/selections"]
+    for ranking in ("tf", "kl", "seq_tfidf"):
+        assert results[0][f"{ranking}/selections"] != tfidf, ranking

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.launch import SMALL, losses, summary, train
@@ -84,6 +85,24 @@ def test_other_methods_run(runs, method):
         assert torch.equal(base, after) and s["trainable_params_per_step"] > 0
     else:
         assert not torch.equal(base, after)
+
+
+@pytest.mark.parametrize("ranking,nproc", [("kl", 1), ("kl", 2), ("seq_tfidf", 1), ("seq_tfidf", 2)])
+def test_rankings_run_through_the_recipe(runs, ranking, nproc):
+    """--sparse.ranking=kl|seq_tfidf: the background stage records the access counts KL needs; each step
+    moves at most t rows, all of them selected; the replicas stay identical on 2 ranks."""
+    out = runs / f"ft_{ranking}_{nproc}"
+    train("--config", "recipes/configs/tiny_fact_learning.yaml", f"--output_dir={out}", f"--init_from={runs / 'bg'}",
+          f"--sparse.ranking={ranking}", "--sparse.top_t=20", "--optim.lr=50", "--max_steps=2",
+          "--eval.sets=[heldout_text]", *SMALL, nproc=nproc)
+    s = summary(out)
+    assert s["values_replicas_identical"] is True
+    assert yaml.safe_load((out / "config.yaml").read_text())["sparse"]["ranking"] == ranking
+    changed = (values_of(runs / "bg") != values_of(out)).any(dim=1).nonzero().flatten()
+    selected = load_tree(out / "updated_rows.safetensors")["rows"]
+    assert 0 < changed.numel() <= 2 * 20 and set(changed.tolist()) <= set(selected.tolist())
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sparse_update/selected"] for r in rows if r["kind"] == "train"] == [20, 20]
 
 
 def test_before_evaluation_is_cached_next_to_the_base_checkpoint(runs):

@@ -207,7 +207,7 @@ RANGES = [
     ("--sparse.consistency_interval=-1", "sparse.consistency_interval"), ("--lora.alpha=0", "lora.alpha"),
     ("--eval.interval=-1", "eval.interval"), ("--eval.max_items=0", "eval.max_items"),
     ("--eval.batch_size=0", "eval.batch_size"), ("--eval.max_new_tokens=0", "eval.max_new_tokens"),
-    ("--seed=-1", "seed"), ("--max_steps=-3", "max_steps"),
+    ("--seed=-1", "seed"), ("--max_steps=-3", "max_steps"), ("--sparse.ranking=bm25", "sparse.ranking"),
 ]
 
 

@@ -201,3 +201,107 @@ def test_args_from_dict_rejects_unknown_keys() -> None:
     assert SparseMemoryFinetuningArgs.from_dict({"enabled": True, "top_t": 7}).top_t == 7
     with pytest.raises(ValueError, match="unknown sparse_update option"):
         SparseMemoryFinetuningArgs.from_dict({"topt": 7})
+
+
+# ---------------------------------------------------------------- the ranking variants (--sparse.ranking)
+def background_finetuner(num_slots: int, *, top_t: int, ranking: str, batches: list[torch.Tensor]):
+    ft = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=top_t, ranking=ranking),
+                               torch.nn.Parameter(torch.zeros(num_slots, 4)))
+    ft.background_tracker.start_collection()
+    for b in batches:
+        ft.background_tracker.add_batch_indices(b)
+    ft.background_tracker.stop_collection()
+    return ft
+
+
+def hand_kl(indices: list[int], background: list[list[int]], num_slots: int) -> dict[int, float]:
+    """arXiv 2604.05248's KL ranking slot by slot: p = batch access share, q = add-one smoothed background
+    access share over all N slots, score p·ln((p+1e-8)/(q+1e-8))."""
+    c = Counter(i for i in indices if i >= 0)
+    total = sum(c.values())
+    bg = Counter(i for b in background for i in b if i >= 0)
+    denom = sum(bg.get(i, 0) + 1 for i in range(num_slots))
+    return {i: (n / total) * math.log((n / total + 1e-8) / ((bg.get(i, 0) + 1) / denom + 1e-8)) for i, n in c.items()}
+
+
+def test_kl_ranking_matches_hand_computation() -> None:
+    rng = random.Random(3)
+    num_slots = 40
+    background = [[rng.randrange(12) for _ in range(30)] + [rng.randrange(num_slots) for _ in range(5)] for _ in range(8)]
+    ft = background_finetuner(num_slots, top_t=5, ranking="kl", batches=[torch.tensor(b) for b in background])
+    assert ft.background_tracker.access_counts.tolist() == [
+        sum(b.count(i) for b in background) for i in range(num_slots)]
+    for trial in range(20):
+        batch = [rng.randrange(num_slots) for _ in range(25)] + [-1, -1]
+        scores = hand_kl(batch, background, num_slots)
+        ft.update_trainable_indices(torch.tensor(batch))
+        assert ft.trainable_indices.tolist() == hand_select(scores, 5), trial
+
+
+def test_kl_scores_direct() -> None:
+    counts = torch.tensor([3, 0, 1, 6], dtype=torch.int32)
+    access = torch.tensor([10, 0, 0, 2])
+    from sparse_update.tfidf import background_access_probability, kl_scores
+    q = background_access_probability(access)
+    assert q.tolist() == pytest.approx([11 / 16, 1 / 16, 1 / 16, 3 / 16])
+    p = [0.3, 0.0, 0.1, 0.6]
+    want = [pi * math.log((pi + 1e-8) / (qi + 1e-8)) for pi, qi in zip(p, q.tolist())]
+    assert kl_scores(counts, q).tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def hand_seq_tfidf(rows: list[list[int]], df: dict[int, int], num_batches: int, top_t: int) -> list[int]:
+    """seq_tfidf as the README defines it: R = rows that read something, share = max(1, t // R); each row votes
+    for the `share` slots of highest TF-IDF within the row; slots ranked by (votes, batch TF-IDF, lower index)."""
+    read = [[i for i in r if i >= 0] for r in rows]
+    share = max(1, top_t // max(1, sum(1 for r in read if r)))
+    votes: Counter = Counter()
+    for r in read:
+        if r:
+            votes.update(hand_select(hand_scores(r, df, num_batches, True), share))
+    batch = hand_scores([i for r in read for i in r], df, num_batches, True)
+    order = sorted(batch, key=lambda i: (-votes[i], -batch[i], i))
+    return sorted(order[:top_t])
+
+
+@pytest.mark.parametrize("top_t", [2, 6, 9, 40])
+def test_seq_tfidf_matches_hand_computation(top_t: int) -> None:
+    rng = random.Random(top_t)
+    num_slots = 30
+    background = [torch.tensor([rng.randrange(num_slots) for _ in range(12)]) for _ in range(10)]
+    ft = background_finetuner(num_slots, top_t=top_t, ranking="seq_tfidf", batches=background)
+    df = {i: int(v) for i, v in enumerate(ft.background_tracker.document_frequency.tolist())}
+    for trial in range(10):
+        rows = [[rng.randrange(num_slots) for _ in range(8)] for _ in range(4)]
+        rows[1][:3] = [-1, -1, -1]
+        if trial % 3 == 0:
+            rows[2] = [-1] * 8      # a row of padding: votes for nothing and does not count in R
+        stats = ft.update_trainable_indices(torch.tensor(rows).view(4, 2, 4))
+        assert ft.trainable_indices.tolist() == hand_seq_tfidf(rows, df, 10, top_t), (trial, top_t)
+        assert stats["seq_share"] == max(1, top_t // (3 if trial % 3 == 0 else 4))
+
+
+def test_ranking_options() -> None:
+    assert SparseMemoryFinetuningArgs(use_idf=False).ranking == "tf"
+    assert SparseMemoryFinetuningArgs(ranking="tf").use_idf is False
+    assert SparseMemoryFinetuningArgs(ranking="kl").use_idf is True
+    with pytest.raises(ValueError, match="ranking must be one of"):
+        SparseMemoryFinetuningArgs(ranking="bm25")
+    with pytest.raises(ValueError, match="contradicts ranking='kl'"):
+        SparseMemoryFinetuningArgs(use_idf=False, ranking="kl")
+
+
+def test_kl_without_background_access_counts_says_what_to_do(tmp_path) -> None:
+    from sparse_update import save_background_file
+    path = tmp_path / "old_background.safetensors"      # as written before access counts were recorded
+    save_background_file(path, document_frequency=torch.tensor([2, 0, 1, 0]), num_batches=2)
+    ft = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=2, ranking="kl"),
+                               torch.nn.Parameter(torch.zeros(4, 2)))
+    ft.load_background_indices(path)
+    with pytest.raises(RuntimeError, match="re-run the background stage"):
+        ft.update_trainable_indices(torch.tensor([0, 2, 2]))
+    ok = background_finetuner(4, top_t=2, ranking="kl", batches=[torch.tensor([0, 0, 2])])
+    ok.save_background_indices(tmp_path / "new.safetensors")
+    ft.load_background_indices(tmp_path / "new.safetensors")
+    assert ft.background_tracker.access_counts.tolist() == [2, 0, 1, 0]
+    ft.update_trainable_indices(torch.tensor([0, 2, 2]))
+    assert ft.trainable_indices.tolist() == [0, 2]

@@ -114,6 +114,8 @@ def check_background(res: dict, solo: dist.ProcessGroup, out_dir: Path) -> Spars
     res["bg_df_equal_single_process"] = bool(
         torch.equal(ft.background_tracker.document_frequency, ref.background_tracker.document_frequency)
     )
+    res["bg_access_equal_single_process"] = bool(
+        torch.equal(ft.background_tracker.access_counts, ref.background_tracker.access_counts))
     res["bg_num_batches"] = ft.background_tracker.num_batches
     res["bg_local_df_differs"] = not torch.equal(
         ft.background_tracker.document_frequency, local_only.background_tracker.document_frequency
@@ -124,20 +126,22 @@ def check_background(res: dict, solo: dist.ProcessGroup, out_dir: Path) -> Spars
     loaded.load_background_indices(path)
     res["bg_file_roundtrip"] = bool(
         torch.equal(loaded.background_tracker.document_frequency, ft.background_tracker.document_frequency)
-    ) and loaded.background_tracker.num_batches == 6
+    ) and loaded.background_tracker.num_batches == 6 and torch.equal(
+        loaded.background_tracker.access_counts, ft.background_tracker.access_counts)
     return ft
 
 
 def train(res: dict, name: str, *, solo: dist.ProcessGroup, background: SparseMemoryFinetuner, sparse: bool,
-          attach: bool, mode: str = "top_t", dense_output: bool = False, steps: int = 3) -> None:
+          attach: bool, mode: str = "top_t", dense_output: bool = False, steps: int = 3,
+          ranking: str = "tfidf") -> None:
     rank = dist.get_rank()
-    args = SparseMemoryFinetuningArgs(enabled=True, top_t=TOP_T, use_idf=True, mode=mode, dense_output=dense_output)
+    args = SparseMemoryFinetuningArgs(enabled=True, top_t=TOP_T, ranking=ranking, mode=mode, dense_output=dense_output)
     model, ref_model = build(sparse), build(sparse)
     ft = SparseMemoryFinetuner(args, model.memory_values)
     ref = SparseMemoryFinetuner(args, ref_model.memory_values, process_group=solo)
     bg = background.background_tracker
     for f in (ft, ref):
-        f.background_tracker.set_statistics(bg.document_frequency.clone(), bg.num_batches)
+        f.background_tracker.set_statistics(bg.document_frequency.clone(), bg.num_batches, bg.access_counts.clone())
     opt = torch.optim.SGD([model.memory_values], lr=LR)
     ref_opt = torch.optim.SGD([ref_model.memory_values], lr=LR)
     if attach:
@@ -176,6 +180,7 @@ def train(res: dict, name: str, *, solo: dist.ProcessGroup, background: SparseMe
     diff = (model.memory_values - ref_model.memory_values).detach().abs().max()
     res[f"{name}/max_diff_vs_single_process"] = float(diff)
     res[f"{name}/selected_per_step"] = [len(s) for s in selections]
+    res[f"{name}/selections"] = selections
     res[f"{name}/synced_bytes_last_step"] = ft.synced_bytes_last_step
     res[f"{name}/synced_rows_last_step"] = ft.synced_rows_last_step
     res[f"{name}/changed_total"] = changed(build(sparse).memory_values.detach(), model.memory_values.detach())
@@ -225,6 +230,8 @@ def main() -> None:
     train(res, "control_no_attach", solo=solo, background=background, sparse=True, attach=False)
     train(res, "dense", solo=solo, background=background, sparse=False, attach=True, dense_output=True)
     train(res, "all_accessed", solo=solo, background=background, sparse=True, attach=True, mode="all_accessed")
+    for ranking in ("tf", "kl", "seq_tfidf"):
+        train(res, ranking, solo=solo, background=background, sparse=True, attach=True, ranking=ranking)
     check_missing_grad(res, background)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res, indent=1, sort_keys=True))
     # both ranks done before either tears down its gloo pairs: without it a peer's close could reach a
