@@ -291,6 +291,8 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         run_state: dict[str, Any] = {"last_train_loss": metrics.get("train/loss")}
         if updated is not None:
             run_state["updated"] = updated
+        if selections is not None:
+            run_state["selections"] = _selections_tree(selections)
         if diagnostics is not None:
             run_state["diagnostics"] = diagnostics.state_dict(diag_before)
         C.save_checkpoint(run_dir, at, strategy=strategy, values=values, values_optimizer=values_opt,
@@ -304,10 +306,15 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
 
     progress = _progress(config, dist_info, total, step)
     updated = torch.zeros(values.shape[0], dtype=torch.bool) if values is not None else None
+    # every finetune step's selected rows and its fact (selections.safetensors; recipes/inspect.py reads it)
+    selections: list[tuple[int, str, torch.Tensor]] | None = (
+        [] if config.stage == "finetune" and plan.train_values and values is not None else None)
     metrics: dict[str, Any] = {}
     if resumed_state:
         if updated is not None and "updated" in resumed_state:
             updated |= resumed_state["updated"].to(torch.bool)
+        if selections is not None and "selections" in resumed_state:
+            selections = _selections_list(resumed_state["selections"])
         if resumed_state.get("last_train_loss") is not None:
             metrics["train/loss"] = resumed_state["last_train_loss"]
     # Finetuning keeps the model in eval mode: the model has no dropout, and train mode would let
@@ -330,6 +337,8 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         step += 1
         if updated is not None and plan.train_values and finetuner.trainable_indices is not None:
             updated[finetuner.trainable_indices.cpu()] = True
+            if selections is not None:
+                selections.append((step, str(batch.fact_id), finetuner.trainable_indices.cpu().to(torch.int32)))
         if config.sparse.consistency_interval and step % config.sparse.consistency_interval == 0:
             check_replicas(values, step=step)
         if step % config.logging.interval == 0 or step == total:
@@ -355,6 +364,8 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     updated_rows = updated.nonzero().flatten() if updated is not None else None
     if updated_rows is not None and dist_info.is_main:
         C.save_tree(run_dir / "updated_rows.safetensors", {"rows": updated_rows})
+        if selections is not None:
+            C.save_tree(run_dir / "selections.safetensors", _selections_tree(selections))
     after = _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, "after") if sets else {}
     trainable_per_step = _trainable_per_step(config, plan, trainable, values)
     summary = build_summary(stage=config.stage, method=config.method if config.stage == "finetune" else "-",
@@ -433,6 +444,20 @@ def _background(config, dist_info, run_dir, log, stop, model, strategy, finetune
         write_summary(run_dir / "summary.json", summary)
     D.close(together=True)
     return summary
+
+
+def _selections_tree(selections: list[tuple[int, str, torch.Tensor]]) -> dict:
+    """Per-step selections as flat tensors: step s's rows are rows[offsets[s]:offsets[s+1]]."""
+    sizes = torch.tensor([0] + [r.numel() for _, _, r in selections], dtype=torch.int64)
+    return {"rows": torch.cat([r for _, _, r in selections]) if selections else torch.zeros(0, dtype=torch.int32),
+            "offsets": sizes.cumsum(0), "steps": torch.tensor([s for s, _, _ in selections], dtype=torch.int64),
+            "fact_ids": [f for _, f, _ in selections]}
+
+
+def _selections_list(tree: dict) -> list[tuple[int, str, torch.Tensor]]:
+    off = tree["offsets"].tolist()
+    return [(int(s), f, tree["rows"][off[i]:off[i + 1]])
+            for i, (s, f) in enumerate(zip(tree["steps"].tolist(), tree["fact_ids"]))]
 
 
 def _total_steps(config, stream) -> int:

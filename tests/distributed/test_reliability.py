@@ -84,6 +84,11 @@ def test_kill_9_after_a_checkpoint_resumes_to_the_uninterrupted_summary(tiny_run
     assert "memory/updated_rows" in got["diagnostics"]
     rows = lambda run: load_tree(run / "updated_rows.safetensors")["rows"]   # noqa: E731
     assert torch.equal(rows(out), rows(reference))
+    picks = lambda run: load_tree(run / "selections.safetensors")   # noqa: E731  (every step's rows, fact)
+    got_sel, want_sel = picks(out), picks(reference)
+    assert got_sel["fact_ids"] == want_sel["fact_ids"] and len(got_sel["fact_ids"]) == 6
+    for key in ("rows", "offsets", "steps"):
+        assert torch.equal(got_sel[key], want_sel[key]), key
     train_steps = [r["step"] for r in log_rows(out) if r["kind"] == "train"]
     assert train_steps == sorted(set(train_steps))                          # one line per step
     assert torch.equal(values_of(out), values_of(reference))
