@@ -165,12 +165,18 @@ class StatementStream:
         world_size: int = 1,
         seed: int = 0,
         paraphrase_file: str | os.PathLike | None = None,
+        variation_prefixes: bool = False,
     ) -> None:
-        from data_pipeline.facts import fact_statements, load_paraphrases
+        from data_pipeline.facts import VARIATION_PREFIXES, fact_statements, load_paraphrases
 
         paraphrases = load_paraphrases(paraphrase_file) if paraphrase_file is not None else {}
-        self.statements = [s for r in records for s in (paraphrases.get(r.id) or fact_statements(r))]
-        self.fact_ids = [r.id for r in records for _ in (paraphrases.get(r.id) or fact_statements(r))]
+        # variation_prefixes: every statement also with each of the fact stream's variation prefixes
+        # ("Fun fact: ", ...), the generic wrappers its rows carry when P exceeds a fact's paraphrases
+        prefixes = VARIATION_PREFIXES if variation_prefixes else ("",)
+        pairs = [(r.id, pre + s) for r in records for s in (paraphrases.get(r.id) or fact_statements(r))
+                 for pre in prefixes]
+        self.statements = [s for _, s in pairs]
+        self.fact_ids = [i for i, _ in pairs]
         _check_shard(len(self.statements), rank, world_size, "StatementStream")
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"need seq_len >= 1 and batch_size >= 1, got {seq_len}, {batch_size}")

@@ -60,6 +60,10 @@ class DataSection:
     """P: rows per finetune step (paraphrases of one fact / augmentations of one chunk), split across ranks."""
     paraphrase_file: str = ""
     """Optional jsonl {id, paraphrases: [...]} that replaces the templates for those facts."""
+    statement_prefixes: bool = False
+    """Pretrain/background statement rows also come with each of the fact stream's variation prefixes
+    ("Fun fact: ", ...; data_pipeline/facts.py), so the background statistics see the generic wrappers that
+    finetune rows carry when P exceeds a fact's paraphrases."""
     documents: str = ""
     """Document learning: jsonl {id, text, questions} file; empty = fact learning."""
     passes: int = 1

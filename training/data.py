@@ -97,7 +97,8 @@ def lm_stream(config, tokenizer: Tokenizer, facts: list, *, rank: int, world_siz
     if num_fact_rows:
         streams.append(StatementStream(facts, tokenizer, seq_len=d.seq_len, batch_size=num_fact_rows, rank=rank,
                                        world_size=world_size, seed=config.seed,
-                                       paraphrase_file=d.paraphrase_file or None))
+                                       paraphrase_file=d.paraphrase_file or None,
+                                       variation_prefixes=d.statement_prefixes))
     return MixedStream(streams)
 
 

@@ -103,6 +103,16 @@ def test_statement_stream(tok: Tokenizer, facts) -> None:
     assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(_take(again, 5), ref))
 
 
+def test_statement_stream_with_variation_prefixes(tok: Tokenizer, facts) -> None:
+    """variation_prefixes: every statement with each of the fact stream's prefixes, once per epoch."""
+    from data_pipeline.facts import VARIATION_PREFIXES
+    plain = StatementStream(facts, tok, seq_len=64, batch_size=4, seed=1)
+    wrapped = StatementStream(facts, tok, seq_len=64, batch_size=4, seed=1, variation_prefixes=True)
+    assert len(wrapped.statements) == len(VARIATION_PREFIXES) * len(plain.statements)
+    assert set(wrapped.statements) == {p + s for p in VARIATION_PREFIXES for s in plain.statements}
+    assert sorted(set(wrapped.fact_ids)) == sorted(set(plain.fact_ids))
+
+
 def test_mixed_stream_ratio_and_resume(tok: Tokenizer, texts: list[str], facts) -> None:
     def build() -> MixedStream:
         return MixedStream([LMStream(texts, tok, seq_len=32, batch_size=3, seed=0), StatementStream(facts, tok, seq_len=32, batch_size=1, seed=0)])
