@@ -54,19 +54,25 @@ def launcher(nproc: int) -> list[str]:
 
 
 def stage(title: str, cmd: list[str], log: Path) -> float:
-    """Run one stage, streaming its console lines to the terminal and to `log`; fail loudly."""
+    """Run one stage, streaming its console lines to the terminal and to `log`; fail loudly. A cached stage
+    runs too: train.py leaves a complete run of the same config as it is and refuses one of another config."""
     print(f"\n=== {title}\n$ {' '.join(str(c) for c in cmd)}", flush=True)
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    stale = False
     with open(log, "a") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
+            stale |= "holds a run with a different config" in line
             if line.startswith(("[eval]", "initialised", "resumed", "error", "===", "[sweep]", "sweep")) or \
                     "Traceback" in line or "Error" in line:
                 print("  " + line.rstrip(), flush=True)
         proc.wait()
     elapsed = time.time() - t0
+    if proc.returncode != 0 and stale:
+        raise SystemExit(f"demo: the cached run of '{title}' was made with another config (the configs changed "
+                         f"since); re-run with --fresh-base to retrain it")
     if proc.returncode != 0:
         raise SystemExit(f"demo: {title} failed (exit {proc.returncode}); see {log}")
     print(f"--- {title}: {elapsed:.0f} s", flush=True)
@@ -158,18 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(background, ignore_errors=True)
     timings: dict[str, float] = {}
     train = [*launcher(args.nproc), str(REPO / "recipes" / "train.py")]
-    if finished(base):
-        print(f"=== 1/3 pretrain: reusing the cached base model in {base}", flush=True)
-    else:
-        steps = ["--max_steps=4"] if args.quick else []
-        timings["pretrain"] = stage("1/3 pretrain the tiny base model", [*train, "--config", str(configs / "pretrain.yaml"),
-                                    f"--output_dir={base}", *steps, *extra], log)
-    if finished(background):
-        print(f"=== 2/3 background: reusing {background}", flush=True)
-    else:
-        batches = ["--sparse.background_batches=3"] if args.quick else []
-        timings["background"] = stage("2/3 background statistics", [*train, "--config", str(configs / "background.yaml"),
-                                      f"--output_dir={background}", f"--init_from={base}", *batches, *extra], log)
+    steps = ["--max_steps=4"] if args.quick else []
+    cached = " (cached: train.py checks it matches this config)" if finished(base) else ""
+    timings["pretrain"] = stage("1/3 pretrain the tiny base model" + cached,
+                                [*train, "--config", str(configs / "pretrain.yaml"), f"--output_dir={base}", *steps,
+                                 *extra], log)
+    batches = ["--sparse.background_batches=3"] if args.quick else []
+    cached = " (cached: train.py checks it matches this config)" if finished(background) else ""
+    timings["background"] = stage("2/3 background statistics" + cached,
+                                  [*train, "--config", str(configs / "background.yaml"), f"--output_dir={background}",
+                                   f"--init_from={base}", *batches, *extra], log)
     health = json.loads((background / "summary.json").read_text()).get("health", {})
     print("\n=== memory health of the base (the gate before a finetune sweep)\n" + "\n".join(health_lines(health)),
           flush=True)
