@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,22 +54,33 @@ def launcher(nproc: int) -> list[str]:
     return [sys.executable]
 
 
+PROGRESS = re.compile(r"(pretrain|background|finetune):\s*\d+%\|[^|]*\|\s*(\d+)/(\d+) \[[^\]]*\]")
+
+
 def stage(title: str, cmd: list[str], log: Path) -> float:
     """Run one stage, streaming its console lines to the terminal and to `log`; fail loudly. A cached stage
     runs too: train.py leaves a complete run of the same config as it is and refuses one of another config."""
     print(f"\n=== {title}\n$ {' '.join(str(c) for c in cmd)}", flush=True)
     t0 = time.time()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    stale = False
+    stale, bar_shown, last_bar = False, False, 0.0
     with open(log, "a") as f:
+        # text mode reads tqdm's carriage returns as line ends: every progress update arrives as a line
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
             stale |= "holds a run with a different config" in line
+            bar = PROGRESS.search(line)
+            if bar and (time.time() - last_bar > 1.0 or bar.group(2) == bar.group(3)):
+                print("\r  " + bar.group(0), end="", flush=True)      # one progress line, rewritten in place
+                bar_shown, last_bar = True, time.time()
             if line.startswith(("[eval]", "initialised", "resumed", "error", "===", "[sweep]", "sweep")) or \
                     "Traceback" in line or "Error" in line:
-                print("  " + line.rstrip(), flush=True)
+                print(("\n" if bar_shown else "") + "  " + line.rstrip(), flush=True)
+                bar_shown = False
         proc.wait()
+    if bar_shown:
+        print(flush=True)
     elapsed = time.time() - t0
     if proc.returncode != 0 and stale:
         raise SystemExit(f"demo: the cached run of '{title}' was made with another config (the configs changed "
