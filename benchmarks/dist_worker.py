@@ -141,6 +141,8 @@ def main() -> None:
             "dense_bytes": dense,
             "sync_bytes_ratio": dense / ours if ours else None,
             "sync_bytes_ratio_incl_counts": dense / (ours + selection_bytes) if ours else None,
+            # the count exchange (sparse_update count_exchange=auto) over the row sync, bytes per step
+            "count_bytes_ratio": selection_bytes / ours if ours else None,
             "accessed_rows_global": accessed_global,
             "accessed_rows_rank0": accessed_local,
             "sparse_counts_bytes_estimate": 8 * accessed_local,

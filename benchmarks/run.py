@@ -33,6 +33,7 @@ FIGURES: dict[str, tuple] = {
     "sparse_vs_dense_peak_rss_ratio": ("sparse_vs_dense", None, None, "0.69 (1.87 / 2.70 GB)"),
     "sync_bytes_ratio": ("sync_traffic", ">= 1000", lambda v: v >= 1000, None),
     "sync_bytes_ratio_incl_counts": ("sync_traffic", None, None, None),
+    "count_bytes_ratio": ("sync_traffic", "<= 1", lambda v: v <= 1, None),
     "pk_vs_bruteforce_speedup": ("pk_lookup", None, None, None),
     "pk_matches_bruteforce": ("pk_lookup", "True", lambda v: v is True, None),
     "memory_vs_ffn_time_ratio": ("memory_vs_ffn", None, None, None),
@@ -114,6 +115,7 @@ def item_sync_traffic(p: Profile, figures: dict) -> dict:
                        out=out, timeout=1800, threads=p.threads or max(1, cores // 2))
     figures["sync_bytes_ratio"] = res["sync_bytes_ratio"]
     figures["sync_bytes_ratio_incl_counts"] = res["sync_bytes_ratio_incl_counts"]
+    figures["count_bytes_ratio"] = res["count_bytes_ratio"]
     figures["smf_overhead_ratio_2rank"] = res["smf_overhead_ratio"]
     figures["smf_vs_union_sync_ratio_2rank"] = res["smf_vs_union_sync_ratio"]
     return res

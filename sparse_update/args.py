@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 MODES = ("top_t", "all_accessed")
 RANKINGS = ("tfidf", "tf", "kl", "seq_tfidf")
+COUNT_EXCHANGES = ("auto", "dense", "sparse")
 """tfidf: the paper's c(i)/Σc · idf(i) over the global batch; tf: c(i) alone (the TF-only ablation); kl: each
 slot's term of KL(batch access distribution ‖ background access distribution) (arXiv 2604.05248);
 seq_tfidf: every sequence of the global batch ranks by its own TF-IDF and contributes its top t/R slots (R
@@ -28,6 +29,10 @@ class SparseMemoryFinetuningArgs:
     after construction use_idf is True exactly when the ranking needs background statistics."""
     mode: str = "top_t"
     """"top_t": train the top_t rows by score; "all_accessed": train every row the global batch accessed."""
+    count_exchange: str = "auto"
+    """How ranks combine their slot counts each step: "dense" all-reduces N int32 counts; "sparse" all-gathers
+    each rank's (slot, count) pairs of the slots it read; "auto" takes whichever moves fewer bytes this step
+    (decided alike on every rank). The global counts, and so the selection, are identical either way."""
     dense_output: bool = False
     """Hand the optimizer a dense values gradient (needed for AdamW, which rejects sparse gradients)."""
     mask_in_backward: bool = True
@@ -58,6 +63,9 @@ class SparseMemoryFinetuningArgs:
                                  f"ranking={self.ranking!r} (drop use_idf or set ranking='tf')")
             self.ranking = "tf"
         self.use_idf = self.ranking != "tf"
+        if self.count_exchange not in COUNT_EXCHANGES:
+            raise ValueError(f"sparse_update.count_exchange must be one of {', '.join(map(repr, COUNT_EXCHANGES))}, "
+                             f"got {self.count_exchange!r}")
         if self.mode not in MODES:
             raise ValueError(
                 f"sparse_update.mode must be one of {', '.join(repr(m) for m in MODES)}, got {self.mode!r}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -35,3 +36,19 @@ def barrier(group: "dist.ProcessGroup | None") -> None:
     """Wait for every rank of the group (no-op when not distributed)."""
     if world_size(group) > 1:
         dist.barrier(group=group)
+
+
+def all_reduce_max_(tensor: Tensor, group: "dist.ProcessGroup | None") -> Tensor:
+    """In-place MAX over the group; returns the tensor."""
+    if world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+def all_gather(tensor: Tensor, group: "dist.ProcessGroup | None") -> list[Tensor]:
+    """Every rank's `tensor` (same shape on all ranks), in rank order."""
+    if world_size(group) == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts

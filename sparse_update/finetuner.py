@@ -71,6 +71,9 @@ class SparseMemoryFinetuner:
         """Bytes all-reduced for the values gradient by the last sync (t×d elements + 1 flag; 0 single-process)."""
         self.synced_rows_last_step = 0
         """Rows all-reduced for the values gradient by the last sync (0 single-process)."""
+        self.count_bytes_last_step = 0
+        """Bytes of slot counts the last count exchange moved per rank (N x 4 dense, or world x read slots x 8
+        sparse; 0 single-process). See SparseMemoryFinetuningArgs.count_exchange."""
         self._param_hook: RemovableHandle | None = None
         self._post_hook: RemovableHandle | None = None
         if args.enabled:
@@ -109,9 +112,37 @@ class SparseMemoryFinetuner:
         return comm.resolve_group(self._process_group)
 
     def _global_counts(self, indices: Indices) -> Tensor:
-        """int32 counts [N] of the global batch: local counts, then one all_reduce(SUM)."""
+        """int32 counts [N] of the global batch: local counts, then combined over ranks by args.count_exchange:
+        one all_reduce(SUM) of the N counts, or an all_gather of each rank's (slot, count) pairs of the slots
+        it read (padded to the largest rank's number: one all_reduce(MAX) of a scalar decides the size and,
+        under "auto", the cheaper exchange, alike on every rank). Exact integers either way."""
         counts = count_slot_accesses(indices, self._num_slots, device=self._device())
-        return comm.all_reduce_sum_(counts, self._group())
+        group = self._group()
+        world = comm.world_size(group)
+        if world == 1:
+            self.count_bytes_last_step = 0
+            return counts
+        dense_bytes = counts.numel() * counts.element_size()
+        mode = self.args.count_exchange
+        if mode == "dense":
+            self.count_bytes_last_step = dense_bytes
+            return comm.all_reduce_sum_(counts, group)
+        read = counts.nonzero().flatten()
+        width = int(comm.all_reduce_max_(torch.tensor([read.numel()], dtype=torch.int64, device=counts.device),
+                                         group).item())
+        sparse_bytes = world * width * 2 * counts.element_size()
+        if mode == "auto" and sparse_bytes >= dense_bytes:
+            self.count_bytes_last_step = dense_bytes
+            return comm.all_reduce_sum_(counts, group)
+        pairs = torch.full((width, 2), -1, dtype=counts.dtype, device=counts.device)
+        pairs[:read.numel(), 0] = read.to(counts.dtype)
+        pairs[:read.numel(), 1] = counts.index_select(0, read)
+        total = torch.zeros_like(counts)
+        for part in comm.all_gather(pairs, group):
+            real = part[:, 0] >= 0
+            total.index_add_(0, part[real, 0].long(), part[real, 1])
+        self.count_bytes_last_step = sparse_bytes
+        return total
 
     @torch.no_grad()
     def update_trainable_indices(self, indices: Indices) -> dict[str, float]:

@@ -113,6 +113,9 @@ class SparseSection:
     """How --method=sparse ranks slots: tfidf (the paper) | tf (= --method=tf_only) | kl (each slot's term of
     KL(batch access distribution ‖ background's), arXiv 2604.05248) | seq_tfidf (each sequence's own top
     t/R slots, their union, the rest by batch TF-IDF). See sparse_update/tfidf.py."""
+    count_exchange: str = "auto"
+    """How ranks combine slot counts: auto (the cheaper per step) | dense (all_reduce of N int32) | sparse
+    (all_gather of each rank's read slots and counts). Identical selections; see sparse_update/args.py."""
     count_positions: str = "all"
     """Which positions' memory reads count for the ranking: all (every real token, the paper) | loss (only
     positions that carry loss, e.g. the answer's with optim.loss_on=answer)."""
@@ -250,6 +253,9 @@ class JobConfig:
         from sparse_update.args import RANKINGS
         if self.sparse.ranking not in RANKINGS:
             raise bad("sparse.ranking", f"'{self.sparse.ranking}' is not one of {', '.join(RANKINGS)}")
+        from sparse_update.args import COUNT_EXCHANGES
+        if self.sparse.count_exchange not in COUNT_EXCHANGES:
+            raise bad("sparse.count_exchange", f"'{self.sparse.count_exchange}' is not one of {', '.join(COUNT_EXCHANGES)}")
         if self.method == "tf_only" and self.sparse.ranking not in ("tfidf", "tf"):
             raise bad("sparse.ranking", f"--method=tf_only is ranking tf; it contradicts ranking "
                       f"'{self.sparse.ranking}' (use --method=sparse --sparse.ranking={self.sparse.ranking})")

@@ -35,14 +35,17 @@ def make_plan(config) -> Plan:
         return Plan(False, False, False, False, SparseMemoryFinetuningArgs(enabled=False))
     if stage == "pretrain" or method == "full":
         # every accessed row is trained by AdamW; sync the union of accessed rows, hand AdamW a dense grad
-        args = SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed", dense_output=True)
+        args = SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed", dense_output=True,
+                                          count_exchange=config.sparse.count_exchange)
         return Plan(True, False, True, False, args)
     if method == "lora":
         return Plan(False, True, False, False, SparseMemoryFinetuningArgs(enabled=False))
     if method == "memory_all":
-        return Plan(False, False, True, True, SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed"))
+        return Plan(False, False, True, True, SparseMemoryFinetuningArgs(
+            enabled=True, mode="all_accessed", count_exchange=config.sparse.count_exchange))
     return Plan(False, False, True, True, SparseMemoryFinetuningArgs(
-        enabled=True, top_t=config.sparse.top_t, ranking="tf" if method == "tf_only" else config.sparse.ranking))
+        enabled=True, top_t=config.sparse.top_t, ranking="tf" if method == "tf_only" else config.sparse.ranking,
+        count_exchange=config.sparse.count_exchange))
 
 
 def set_trainable(model: nn.Module, plan: Plan, lora_names: set[str]) -> None:

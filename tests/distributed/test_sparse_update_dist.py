@@ -46,7 +46,8 @@ def test_background_statistics_equal_single_process(results: list[dict]) -> None
     assert both(results, "bg_local_df_differs") == [True, True]  # the ranks' data really differ
 
 
-@pytest.mark.parametrize("run", ["sparse", "dense", "all_accessed", "tf", "kl", "seq_tfidf"])
+@pytest.mark.parametrize("run", ["sparse", "dense", "all_accessed", "tf", "kl", "seq_tfidf", "exchange_dense",
+                                 "exchange_sparse"])
 def test_attached_runs_stay_identical_and_update_only_selected_rows(results: list[dict], run: str) -> None:
     for check in ("same_selection_as_single_process", "stats_same_on_all_ranks", "changed_rows_are_selected_rows",
                   "identical_across_ranks"):
@@ -83,3 +84,16 @@ def test_the_rankings_choose_differently(results: list[dict]) -> None:
     tfidf = results[0]["sparse/selections"]
     for ranking in ("tf", "kl", "seq_tfidf"):
         assert results[0][f"{ranking}/selections"] != tfidf, ranking
+
+
+def test_count_exchanges_select_alike_and_auto_takes_the_cheaper(results: list[dict]) -> None:
+    """dense (N int32 all-reduced) and sparse (each rank's (slot, count) pairs all-gathered) give the same
+    selections as one process on the global batch (checked above) and so as each other; auto moves the fewer
+    bytes of the two."""
+    r = results[0]
+    assert r["exchange_dense/selections"] == r["exchange_sparse/selections"] == r["sparse/selections"]
+    dense, sparse, auto = (r[f"{n}/count_bytes_last_step"] for n in ("exchange_dense", "exchange_sparse", "sparse"))
+    assert dense == 256 * 4                                   # N int32 counts
+    widest = max(x["exchange_sparse/read_slots_last_step"] for x in results)
+    assert sparse == 2 * widest * 8                           # 2 ranks x (slot, count) int32 pairs, padded
+    assert auto == min(dense, sparse)

@@ -133,9 +133,10 @@ def check_background(res: dict, solo: dist.ProcessGroup, out_dir: Path) -> Spars
 
 def train(res: dict, name: str, *, solo: dist.ProcessGroup, background: SparseMemoryFinetuner, sparse: bool,
           attach: bool, mode: str = "top_t", dense_output: bool = False, steps: int = 3,
-          ranking: str = "tfidf") -> None:
+          ranking: str = "tfidf", count_exchange: str = "auto") -> None:
     rank = dist.get_rank()
-    args = SparseMemoryFinetuningArgs(enabled=True, top_t=TOP_T, ranking=ranking, mode=mode, dense_output=dense_output)
+    args = SparseMemoryFinetuningArgs(enabled=True, top_t=TOP_T, ranking=ranking, mode=mode, dense_output=dense_output,
+                                      count_exchange=count_exchange)
     model, ref_model = build(sparse), build(sparse)
     ft = SparseMemoryFinetuner(args, model.memory_values)
     ref = SparseMemoryFinetuner(args, ref_model.memory_values, process_group=solo)
@@ -181,6 +182,8 @@ def train(res: dict, name: str, *, solo: dist.ProcessGroup, background: SparseMe
     res[f"{name}/max_diff_vs_single_process"] = float(diff)
     res[f"{name}/selected_per_step"] = [len(s) for s in selections]
     res[f"{name}/selections"] = selections
+    res[f"{name}/count_bytes_last_step"] = ft.count_bytes_last_step
+    res[f"{name}/read_slots_last_step"] = len(set(idx.flatten().tolist()) - {-1})
     res[f"{name}/synced_bytes_last_step"] = ft.synced_bytes_last_step
     res[f"{name}/synced_rows_last_step"] = ft.synced_rows_last_step
     res[f"{name}/changed_total"] = changed(build(sparse).memory_values.detach(), model.memory_values.detach())
@@ -232,6 +235,9 @@ def main() -> None:
     train(res, "all_accessed", solo=solo, background=background, sparse=True, attach=True, mode="all_accessed")
     for ranking in ("tf", "kl", "seq_tfidf"):
         train(res, ranking, solo=solo, background=background, sparse=True, attach=True, ranking=ranking)
+    for exchange in ("dense", "sparse"):
+        train(res, f"exchange_{exchange}", solo=solo, background=background, sparse=True, attach=True,
+              count_exchange=exchange)
     check_missing_grad(res, background)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res, indent=1, sort_keys=True))
     # both ranks done before either tears down its gloo pairs: without it a peer's close could reach a
