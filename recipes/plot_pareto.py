@@ -166,7 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             problem = output_path_problem(target, want_dir=False)
             if problem is not None:
                 raise UsageError(f"--out {target} {problem}")
-        points = [load_point(d, x=args.x, y=args.y, label_keys=label_keys) for d in args.run_dirs]
+        # a shell glob over a sweep folder (runs/sweep/*) also names its files (pareto.png, sweep_points.tsv):
+        # entries that are not directories are skipped, with a note
+        runs = [d for d in args.run_dirs if d.is_dir()]
+        for d in args.run_dirs:
+            if not d.is_dir():
+                print(f"plot_pareto: skipping {d}: not a run directory", file=sys.stderr)
+        if not runs:
+            raise UsageError("no run directory among the arguments; pass finished run directories")
+        points = [load_point(d, x=args.x, y=args.y, label_keys=label_keys) for d in runs]
         bad = [p.run for p in points if not (math.isfinite(p.x) and math.isfinite(p.y))]
         if bad:
             raise UsageError(f"{bad[0]}: non-finite {args.x} or {args.y}")

@@ -84,3 +84,19 @@ def test_plot_refuses_bad_run_dir(tmp_path: Path, case: str) -> None:
     assert str(bad) in lines[0]
     assert ("summary.json" in lines[0]) if case == "no_summary" else ("no metric 'new_facts/f1'" in lines[0])
     assert not out.exists()
+
+
+def test_plot_on_a_sweep_folder_glob_skips_its_files(tmp_path: Path) -> None:
+    """`plot_pareto.py runs/sweep/* ...` after `sweep.py --plot runs/sweep/pareto.png`: the glob also names
+    the sweep's files; they are skipped with a note and the runs are plotted."""
+    dirs = _make_runs(tmp_path)
+    (tmp_path / "pareto.png").write_bytes(b"\x89PNG\r\n\x1a\n old plot")
+    (tmp_path / "sweep_points.tsv").write_text("name\tstatus\n")
+    entries = sorted(tmp_path.iterdir())
+    out = tmp_path / "again" / "pareto.png"
+    res = _run(*map(str, entries), "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout.splitlines()[2:]) == len(dirs)
+    assert f"skipping {tmp_path / 'pareto.png'}: not a run directory" in res.stderr
+    only_files = _run(str(tmp_path / "sweep_points.tsv"), "--out", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert only_files.returncode != 0 and "no run directory among the arguments" in only_files.stderr
