@@ -465,4 +465,19 @@ def describe() -> str:
                 lines.append(f"    --{prefix}{f.name}={value!r}  {d.get(f.name, '')}")
 
     walk(JobConfig(), "")
+    # the model's own keys (ModelConfig, MemoryConfig), settable as --model.KEY / --model.memory.KEY (they go
+    # into model.overrides); the values shown are the tiny preset's
+    from model.config import make_config
+    lines.append("  [model: every ModelConfig key, e.g. --model.ffn_hidden=128 --model.memory.k=8 (tiny preset's values)]")
+    model_docs = docs(type(make_config("tiny")))
+
+    def walk_model(obj: Any, prefix: str, d: dict[str, str]) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk_model(value, f"{prefix}{f.name}.", docs(type(value)))
+            else:
+                lines.append(f"    --{prefix}{f.name}={value!r}  {d.get(f.name, '')}")
+
+    walk_model(make_config("tiny"), "model.", model_docs)
     return "\n".join(lines)

@@ -22,8 +22,25 @@ def test_help_lists_stages_and_sections():
         assert section in proc.stdout
 
 
+def test_help_lists_every_model_key_and_each_is_settable():
+    """--help lists the ModelConfig/MemoryConfig keys; --model.KEY and --model.memory.KEY set them."""
+    import dataclasses
+    from model.config import ModelConfig, MemoryConfig
+    proc = train("--help", nproc=1)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name != "memory":
+            assert f"--model.{f.name}=" in proc.stdout, f.name
+    for f in dataclasses.fields(MemoryConfig):
+        assert f"--model.memory.{f.name}=" in proc.stdout, f.name
+    cfg = resolve_config("recipes/configs/tiny_pretrain.yaml", {"model.memory.k": 8, "model.ffn_hidden": 96,
+                                                                "output_dir": "/tmp/unused"})
+    assert cfg.model_config().memory.k == 8 and cfg.model_config().ffn_hidden == 96
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--bogus=1"], "unknown config key 'bogus'"),
+    (["--model.memory.bogus=1"], "model.memory.bogus"),
+    (["--sparse.count_exchange=ring"], "sparse.count_exchange"),
     (["--optim.lr=fast"], "optim.lr"),
     (["--optim.lr=0"], "optim.lr"),
     (["--stage=finetune", "--method=sparse", "--optim.momentum=0.9", "--init_from=x"], "optim.momentum"),
