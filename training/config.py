@@ -66,6 +66,9 @@ class DataSection:
     finetune rows carry when P exceeds a fact's paraphrases."""
     documents: str = ""
     """Document learning: jsonl {id, text, questions} file; empty = fact learning."""
+    num_documents: int = 0
+    """Document learning: learn the first N documents of `documents` (and evaluate their questions); 0 = all.
+    The paper used 100 pages (1,824 chunks)."""
     passes: int = 1
     """Passes over the fact/document stream in the finetune stage."""
 
@@ -277,6 +280,7 @@ class JobConfig:
     _RANGES = (
         ("max_steps", 0, None, "a count"), ("seed", 0, None, "a seed"),
         ("data.num_known_facts", 0, None, "a count"), ("data.num_new_facts", 0, None, "a count"),
+        ("data.num_documents", 0, None, "a count (0 = all)"),
         ("data.fact_offset", 0, None, "an index"), ("data.num_background_facts", 0, None, "a count"),
         ("data.background_offset", -1, None, "an index, or -1 (right after the new facts)"),
         ("data.fact_ratio", 0, 1, "a ratio"),

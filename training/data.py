@@ -108,6 +108,11 @@ def finetune_stream(config, tokenizer: Tokenizer, facts: Facts):
     d = config.data
     if d.documents:
         docs = load_documents(data_path(d.documents, key="data.documents"))
+        if d.num_documents:
+            if d.num_documents > len(docs):
+                raise ValueError(f"config key 'data.num_documents'={d.num_documents}: {d.documents} holds only "
+                                 f"{len(docs)} documents; lower it (0 = all)")
+            docs = docs[:d.num_documents]
         return DocumentStream(docs, tokenizer, num_augmentations=d.num_paraphrases, seq_len=d.seq_len,
                               seed=config.seed, num_passes=d.passes)
     return FactStream(facts.new, tokenizer, num_paraphrases=d.num_paraphrases, seq_len=d.seq_len,
