@@ -280,6 +280,9 @@ def _load_hellaswag(path: Path) -> list[HellaSwagRecord]:
     out = []
     for i, (where, row) in enumerate(iter_rows(path, expected=expected)):
         ctx = _field(row, "ctx", where, str, expected)
+        if all(isinstance(row.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
+            # lm-eval-harness's prompt: "{activity_label}: {ctx_a} {ctx_b.capitalize()}"
+            ctx = f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}"
         endings = _str_list(_field(row, "endings", where, (list, tuple), expected), "endings", where)
         label = _field(row, "label", where, (int, str), expected)
         try:

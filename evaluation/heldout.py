@@ -13,11 +13,11 @@ Conventions
 * Sequences longer than the model's ``config.max_seq_len`` + 1 lose tokens from the *left* (BOS
   kept, then context first); held-out text is cut into consecutive windows of ``window`` predicted tokens
   (default ``max_seq_len``), each token scored once, without context carried across windows.
-* HellaSwag: lm-eval-harness's recipe — text preprocessing (``[title]``/bracket removal), each
-  ending scored as ``" " + ending`` after the record's ``ctx`` (as the loader built it; lm-eval also
-  prefixes the activity label), and the reported ``acc`` is lm-eval's
-  **acc_norm**: argmax of log-likelihood divided by the ending's length in *characters* (tokeniser
-  independent, the standard HellaSwag number). The unnormalised argmax is reported as ``acc_unnorm``.
+* HellaSwag: lm-eval-harness's recipe — the prompt ``"{activity_label}: {ctx_a} {Ctx_b}"`` (the loader builds
+  it when the record has those fields), text preprocessing (``[title]``/bracket removal), each ending scored
+  as ``" " + ending``; reported as lm-eval reports it: ``acc`` (argmax of the log-likelihood) and
+  ``acc_norm`` (argmax of the log-likelihood divided by the continuation's length in characters, the
+  standard HellaSwag number).
 """
 from __future__ import annotations
 
@@ -165,8 +165,8 @@ def hellaswag_accuracy(model: nn.Module, tokenizer: Any, records: Sequence[Any],
                        device: torch.device | str | None = None) -> dict[str, float]:
     """HellaSwag accuracy by ending log-likelihood. `batch_size` counts sequences (item × ending).
 
-    Returns ``{"acc": acc_norm (per-character length-normalised, lm-eval's acc_norm),
-    "acc_unnorm": plain log-likelihood argmax}``. Ties go to the first ending (np.argmax).
+    Returns lm-eval's ``{"acc": log-likelihood argmax, "acc_norm": argmax of the log-likelihood per
+    character of the continuation " " + ending}``. Ties go to the first ending (np.argmax).
     """
     items = take_items(records, max_items)
     max_len = model_max_seq_len(model)
@@ -177,7 +177,7 @@ def hellaswag_accuracy(model: nn.Module, tokenizer: Any, records: Sequence[Any],
         for ending in r.endings:
             ending = hellaswag_preprocess(ending)
             sequences.append(_fit(*_encode_pair(tokenizer, ctx, " " + ending), max_len, tokenizer.bos_id))
-            lengths.append(max(1, len(ending)))
+            lengths.append(len(" " + ending))
     shard, dev = resolve_shard(process_group), infer_device(model, device)
     with eval_mode(model):
         table = score_sequences(model, sequences, batch_size=batch_size, shard=shard, device=dev,
@@ -193,7 +193,7 @@ def hellaswag_accuracy(model: nn.Module, tokenizer: Any, records: Sequence[Any],
         num_raw += int(max(range(k), key=lambda j: (ll[j], -j)) == int(r.label))
         pos += k
     assert pos == len(sequences)
-    return {"acc": num_norm / len(items), "acc_unnorm": num_raw / len(items)}
+    return {"acc": num_raw / len(items), "acc_norm": num_norm / len(items)}
 
 
 def known_facts_retention(model: nn.Module, tokenizer: Any, records: Sequence[Any], *, batch_size: int,

@@ -18,7 +18,7 @@ __all__ = ["METRIC_KINDS", "evaluate_sets"]
 METRIC_KINDS: dict[str, Callable[..., dict[str, float]]] = {
     "qa": qa_scores,                 # QARecord / SimpleQARecord -> f1, em (new facts, known facts, NQ, SimpleQA)
     "text_nll": heldout_text_nll,    # TextRecord -> nll
-    "hellaswag": hellaswag_accuracy,  # HellaSwagRecord -> acc (acc_norm), acc_unnorm
+    "hellaswag": hellaswag_accuracy,  # HellaSwagRecord -> acc, acc_norm (lm-eval's)
     "gsm8k": gsm8k_nll,              # GSM8KRecord -> nll
 }
 

@@ -45,7 +45,7 @@ QUICK_DATA = ["--data.facts=data_pipeline/samples/triviaqa_validation_sample.jso
               "--eval.gsm8k=data_pipeline/samples/gsm8k_test_sample.jsonl",
               "--eval.hellaswag=data_pipeline/samples/hellaswag_val_sample.jsonl"]
 COLUMNS = [("new_facts/f1", "new F1"), ("known_facts/f1", "known F1"), ("heldout_text/nll", "prose NLL"),
-           ("gsm8k/nll", "GSM8K NLL"), ("hellaswag/acc", "HellaSwag acc")]
+           ("gsm8k/nll", "GSM8K NLL"), ("hellaswag/acc_norm", "HellaSwag acc_norm")]
 
 
 def launcher(nproc: int) -> list[str]:

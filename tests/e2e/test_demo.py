@@ -25,7 +25,7 @@ def test_quick_demo_produces_table_plots_and_summaries(tmp_path, world):
     assert "## Learning vs forgetting" in results and "## Memory diagnostics" in results
     assert "## Memory health of the base" in results and "slots_read_frac" in results
     sets = ["new_facts/f1", "known_facts/f1", "heldout_text/nll"]
-    sets += ["gsm8k/nll", "hellaswag/acc"] if world == "triviaqa" else ["new_facts/answer_nll"]
+    sets += ["gsm8k/nll", "hellaswag/acc_norm"] if world == "triviaqa" else ["new_facts/answer_nll"]
     methods = set()
     for run in (out / "finetune").iterdir():
         summary = json.loads((run / "summary.json").read_text())

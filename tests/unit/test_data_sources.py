@@ -56,7 +56,8 @@ def test_hellaswag_int_and_str_labels() -> None:
     assert len(official) == 300 and len(hf) == 20
     assert all(isinstance(r, HellaSwagRecord) and isinstance(r.label, int) and len(r.endings) == 4 for r in official)
     assert hf == official[:20]
-    assert official[0].label == 3 and official[0].ctx == "A man is sitting on a roof. he"
+    # lm-eval-harness prompt: "{activity_label}: {ctx_a} {ctx_b.capitalize()}"
+    assert official[0].label == 3 and official[0].ctx == "Roof shingle removal: A man is sitting on a roof. He"
 
 
 def test_gsm8k_jsonl_and_requests_file() -> None:

@@ -113,11 +113,11 @@ def test_hellaswag_picks_the_right_ending_length_normalised() -> None:
     assert total0 > total1 and total1 / 20 > max(total0 / 1, total2 / 2, total3 / 3)
     item = HellaSwag("h", "Some context.", ["z", "a" * 20, "qq", "zzz"], label=1)
     out = hellaswag_accuracy(model, tok, [item], batch_size=3)
-    assert out == {"acc": 1.0, "acc_unnorm": 0.0}  # per-char normalisation picks ending 1, raw picks 0
+    assert out == {"acc_norm": 1.0, "acc": 0.0}  # per-char normalisation picks ending 1, raw picks 0
     other = HellaSwag("g", "ctx", ["qq", "z", "zzz", "a" * 7], label=3)  # per-char: a*7 wins, raw: z
     out = hellaswag_accuracy(model, tok, [item, other, HellaSwag("w", "c", ["qq", "a", "z", "zz"], label=0)],
                              batch_size=5)
-    assert out["acc"] == pytest.approx(2 / 3) and out["acc_unnorm"] == 0.0
+    assert out["acc_norm"] == pytest.approx(2 / 3) and out["acc"] == 0.0
 
 
 def test_hellaswag_uses_context() -> None:
@@ -125,8 +125,8 @@ def test_hellaswag_uses_context() -> None:
     tok = CharTokenizer()
     model = OracleLM(tok, {"The cat sat on the": " mat."})
     item = HellaSwag("h", "The cat sat on the", ["hat.", "mat.", "bat.", "mat!"], label=1)
-    assert hellaswag_accuracy(model, tok, [item], batch_size=4)["acc"] == 1.0
-    assert hellaswag_accuracy(model, tok, [HellaSwag("h", item.ctx, item.endings, 2)], batch_size=4)["acc"] == 0.0
+    assert hellaswag_accuracy(model, tok, [item], batch_size=4)["acc_norm"] == 1.0
+    assert hellaswag_accuracy(model, tok, [HellaSwag("h", item.ctx, item.endings, 2)], batch_size=4)["acc_norm"] == 0.0
 
 
 def test_hellaswag_preprocess() -> None:

@@ -109,3 +109,21 @@ def test_qa_scores_simpleqa_records_and_errors() -> None:
         qa_scores(model, tok, [], batch_size=4, prompt_fn=lambda r: r.question)
     with pytest.raises(ValueError, match="batch_size"):
         qa_scores(model, tok, [SimpleQA("s", "Who?", "x")], batch_size=0, prompt_fn=lambda r: r.question)
+
+
+def test_nq_f1_on_the_committed_sample() -> None:
+    """NQ-open (the paper's held-out QA) through the loader and qa_scores: the best F1 over the aliases, with
+    the evaluation prompt the finetunes use."""
+    from pathlib import Path
+
+    from data_pipeline.facts import eval_prompt
+    from data_pipeline.sources import load_source
+    sample = Path(__file__).resolve().parents[2] / "data_pipeline" / "samples" / "nq_open_validation_sample.jsonl"
+    records = load_source("nq_open", sample)[:3]
+    assert records[0].question == "when was the last time anyone was on the moon"
+    tok = CharTokenizer()
+    scripts = {eval_prompt(records[0]): " December 1972",     # the second alias exactly: F1 1
+               eval_prompt(records[1]): " Bob Russell",       # the second alias: F1 1
+               eval_prompt(records[2]): " zzz"}               # shares no token with the gold answers: F1 0
+    out = qa_scores(OracleLM(tok, scripts), tok, records, batch_size=2, max_new_tokens=20)
+    assert out["f1"] == pytest.approx(2 / 3) and out["em"] == pytest.approx(2 / 3)

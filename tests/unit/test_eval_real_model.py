@@ -55,4 +55,4 @@ def test_generation_and_other_metrics_run(setup) -> None:
     long_text = [Text("t", "some held-out prose " * 10)]  # 200 chars > max_seq_len: windows of 48
     assert heldout_text_nll(model, tok, long_text, batch_size=2)["nll"] > 0
     hs = [HellaSwag("h", "A man is", ["walking.", "sitting down now.", "x", "running"], label=0)]
-    assert set(hellaswag_accuracy(model, tok, hs, batch_size=4)) == {"acc", "acc_unnorm"}
+    assert set(hellaswag_accuracy(model, tok, hs, batch_size=4)) == {"acc", "acc_norm"}
