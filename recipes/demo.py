@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick else ["--preset", preset])
     sweep_cmd = [sys.executable, str(REPO / "recipes" / "sweep.py"), *grid, f"--init_from={background}",
                  f"--out={sweep}", f"--nproc={args.nproc}", *extra]
-    timings["finetune sweep"] = stage("3/3 learn new facts: sparse, tf_only, memory_all, full, lora (lr sweep)",
+    timings["finetune sweep"] = stage(f"3/3 learn new facts: every method of the {preset!r} sweep",
                                       sweep_cmd, log)
 
     runs = []
@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     results = "\n".join([
         f"# Sparse memory finetuning demo ({args.world} world) — results", "",
         f"Command: `python recipes/demo.py --world {args.world} --out {args.out} --nproc {args.nproc}"
-        f"{' --quick' if args.quick else ''}`), {args.nproc} ranks (torchrun, gloo), this run took {total / 60:.1f} min"
-        f" ({', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())}; cached stages not counted).", "",
+        f"{' --quick' if args.quick else ''}`; {args.nproc} ranks, torchrun, gloo). This run took {total / 60:.1f} min"
+        f" ({', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())}; a cached stage is only checked).", "",
         "## Learning vs forgetting (before → after finetuning, relative change)", "", table(runs), "",
         "new F1: greedy QA F1 on the learned facts; known F1: facts the base was pretrained on (the stand-in for "
         "NaturalQuestions); prose NLL: held-out prose never trained on; GSM8K NLL of gold solutions; HellaSwag acc_norm.",
