@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
-from .tfidf import Indices, inverse_document_frequency
+from .tfidf import Indices, background_access_probability, inverse_document_frequency
 
 FORMAT_NAME = "sparse_update.background"
 FORMAT_VERSION = 1
@@ -40,6 +40,7 @@ class BackgroundTracker:
         self._num_batches = 0
         self._collecting = False
         self._idf: Tensor | None = None  # cached: the statistics are fixed while finetuning
+        self._q: Tensor | None = None
 
     @property
     def num_slots(self) -> int:
@@ -73,13 +74,22 @@ class BackgroundTracker:
             self._idf = inverse_document_frequency(self._df, self._num_batches)
         return self._idf
 
+    def background_access_probability(self) -> Tensor:
+        """float64 [N]: q of the KL ranking from the access counts, computed once per change of the statistics."""
+        if self._access is None:
+            raise RuntimeError("no background access counts (statistics written before they were recorded); "
+                               "re-run the background stage")
+        if self._q is None or self._q.device != self._access.device:
+            self._q = background_access_probability(self._access)
+        return self._q
+
     def start_collection(self, *, reset: bool = True) -> None:
         """Begin counting; reset=False continues from the current statistics (e.g. after resuming)."""
         if reset:
             self._df = torch.zeros(self._num_slots, dtype=torch.int64, device=self._df.device)
             self._access = torch.zeros_like(self._df)
             self._num_batches = 0
-            self._idf = None
+            self._idf = self._q = None
         self._collecting = True
 
     def add_batch_indices(self, indices: Indices) -> Tensor:
@@ -96,7 +106,7 @@ class BackgroundTracker:
         if self._access is not None:
             self._access = self._access.to(counts.device) + counts.to(torch.int64)
         self._num_batches += 1
-        self._idf = None
+        self._idf = self._q = None
         return counts
 
     def stop_collection(self) -> None:
@@ -112,7 +122,7 @@ class BackgroundTracker:
         self._df = df.to(self._df.device)
         self._access = access_counts.to(self._df.device) if access_counts is not None else None
         self._num_batches = int(num_batches)
-        self._idf = None
+        self._idf = self._q = None
 
 
 def _validate_df(df: Tensor, num_batches: int, num_slots: int, *, source: str) -> Tensor:

@@ -23,7 +23,7 @@ from . import comm
 from .args import SparseMemoryFinetuningArgs
 from .background import BackgroundTracker, load_background_statistics, save_background_file
 from .hook import gather_rows_, mask_rows, rows_to_grad
-from .tfidf import (Indices, background_access_probability, count_slot_accesses, kl_scores, quantiles,
+from .tfidf import (Indices, count_slot_accesses, kl_scores, quantiles,
                     rank_lexicographic, score_slots, select_all_accessed, sequence_votes, sequences_read,
                     top_k_positions)
 
@@ -180,7 +180,7 @@ class SparseMemoryFinetuner:
         if self.args.mode != "top_t":
             selected, selected_scores = accessed, scores
         elif ranking == "kl":
-            q = self._background_probability()
+            q = tracker.background_access_probability()
             scores = kl_scores(counts.index_select(0, accessed), q.index_select(0, accessed.to(q.device)))
             positions = top_k_positions(scores, self.args.top_t)
             selected, selected_scores = accessed[positions], scores[positions]
@@ -217,15 +217,6 @@ class SparseMemoryFinetuner:
             "score_max": pmax,
             **extra,
         }
-
-    def _background_probability(self) -> Tensor:
-        """q of the KL ranking from the background access counts, computed once per change of them."""
-        access = self.background_tracker.access_counts
-        cached = getattr(self, "_q_cache", None)
-        if cached is None or cached[0] is not access:
-            cached = (access, background_access_probability(access))
-            self._q_cache = cached
-        return cached[1]
 
     def _require_selection(self) -> Tensor:
         if self._trainable is None:
@@ -392,8 +383,7 @@ class SparseMemoryFinetuner:
         df, num_batches, access, meta = load_background_statistics(path, num_slots=self._num_slots)
         tracker = self.background_tracker
         tracker.stop_collection()
-        tracker.set_statistics(df.to(self._device()), num_batches,
-                               access.to(self._device()) if access is not None else None)
+        tracker.set_statistics(df, num_batches, access)      # moved to the tracker's device
         return meta
 
     # ------------------------------------------------------------------ checkpoints
@@ -436,9 +426,8 @@ class SparseMemoryFinetuner:
             warnings.warn(f"sparse_update options differ from the checkpoint's ({changed}); using the current ones")
         device = self._device()
         tracker = self.background_tracker
-        access = state.get("access_counts")
         tracker.set_statistics(state["document_frequency"].to(device), int(state["num_batches"]),
-                               access.to(device) if access is not None else None)
+                               state.get("access_counts"))
         if state.get("collecting", False):
             tracker.start_collection(reset=False)
         else:

@@ -239,9 +239,8 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
             if df.numel() != values.shape[0]:
                 raise ValueError(f"checkpoint {ckpt} holds background statistics for N={df.numel()}, this "
                                  f"model has N={values.shape[0]}; re-run the background stage for this model")
-            access = sparse_state.get("access_counts")
             finetuner.background_tracker.set_statistics(df.to(values.device), int(sparse_state["num_batches"]),
-                                                        access.to(values.device) if access is not None else None)
+                                                        sparse_state.get("access_counts"))
         _print(dist_info, f"initialised from {ckpt}")
     if config.sparse.background_file and finetuner is not None and not resume:
         finetuner.load_background_indices(config.sparse.background_file)
