@@ -112,12 +112,14 @@ def test_preemption_signal_requeues_and_resumes(slurm_cluster, base_run, tmp_pat
     """Two preemptions of one job: a signal while the trainer is still starting (before its handler is
     installed; the batch shell re-sends it), then one mid-run. Each time: checkpoint, PREEMPTED, requeue,
     resume; in the end every step ran exactly once."""
-    steps_total = 10
+    # Enough steps that the first stop cannot fall at the end however fast the machine starts the trainer
+    # (a step takes ~0.3 s; the shell forwards its first signal 5 s after srun started): 8 passes x 4 steps.
+    steps_total = 30
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
     t0 = time.monotonic()
     job = submit(slurm_cluster, "fact_learning.sh", out, "tiny_fact_learning.yaml",
-                 f"--init_from={base_run} --max_steps={steps_total} {FINETUNE}", RESIGNAL_S="2")
+                 f"--init_from={base_run} --max_steps={steps_total} {FINETUNE} --data.passes=8", RESIGNAL_S="2")
     log = lambda: job_log(out, job)  # noqa: E731
 
     # 1) as soon as srun has launched torchrun: the workers are still importing torch
