@@ -38,11 +38,21 @@ def product_key_topk(query: Tensor, sub_keys: Tensor, k: int) -> tuple[Tensor, T
     query: (M, H, k_dim); sub_keys: (H, 2, n, k_dim / 2). Returns scores (M, H, k) in descending order
     (ties: lower slot first) and slot indices (M, H, k) in [0, n*n).
     """
-    n = sub_keys.shape[2]
+    return topk_of_halves(*sub_key_scores(query, sub_keys), k)[:2]
+
+
+def sub_key_scores(query: Tensor, sub_keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Each query half against its sub-key table: (M, H, n) twice."""
     half = query.shape[-1] // 2
-    q1, q2 = query[..., :half], query[..., half:]
-    s1 = torch.einsum("mhd,hnd->mhn", q1, sub_keys[:, 0])
-    s2 = torch.einsum("mhd,hnd->mhn", q2, sub_keys[:, 1])
+    s1 = torch.einsum("mhd,hnd->mhn", query[..., :half], sub_keys[:, 0])
+    s2 = torch.einsum("mhd,hnd->mhn", query[..., half:], sub_keys[:, 1])
+    return s1, s2
+
+
+def topk_of_halves(s1: Tensor, s2: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The exact top-k over the n*n sums s1_i + s2_j: scores (M, H, k) descending, slots (M, H, k), and
+    each half's top-k sub-keys (M, H, k)."""
+    n = s1.shape[-1]
     # Each half's winners come in index order, so the row-major k*k candidate grid is in increasing
     # slot order and the same rule (lower position wins ties) means lower slot wins.
     i1 = _top_set(s1, k)
@@ -54,7 +64,24 @@ def product_key_topk(query: Tensor, sub_keys: Tensor, k: int) -> tuple[Tensor, T
     pos = _top_set(cand, k)                                              # slot order
     scores = cand.gather(-1, pos)
     scores, order = torch.sort(scores, dim=-1, descending=True, stable=True)   # only k entries
-    return scores, cand_slots.gather(-1, pos.gather(-1, order))
+    return scores, cand_slots.gather(-1, pos.gather(-1, order)), i1, i2
+
+
+def sub_key_balance_loss(s1: Tensor, s2: Tensor, i1: Tensor, i2: Tensor) -> Tensor:
+    """Load-balancing auxiliary loss on sub-key usage, as MoE routers use (Switch Transformer): per head
+    and sub-key table, n * sum_i f_i * P_i, with f_i the share of the tokens' top-k sub-keys that are i
+    (counted, no gradient) and P_i the mean softmax probability of sub-key i over the tokens. It is 1.0
+    when usage is uniform and grows to n as the tokens pile onto one sub-key; mean over heads and tables."""
+    terms = []
+    for s, i in ((s1, i1), (s2, i2)):
+        n = s.shape[-1]
+        f = torch.zeros(s.shape[1], n, dtype=s.dtype, device=s.device)
+        f.scatter_add_(1, i.transpose(0, 1).reshape(s.shape[1], -1), torch.ones_like(i, dtype=s.dtype)
+                       .transpose(0, 1).reshape(s.shape[1], -1))
+        f = f / f.sum(-1, keepdim=True).clamp_min(1)
+        p = torch.softmax(s.float(), dim=-1).mean(0)                        # (H, n)
+        terms.append(n * (f.detach() * p).sum(-1))
+    return torch.stack(terms).mean()
 
 
 class ProductKeyMemory(nn.Module):
@@ -71,8 +98,9 @@ class ProductKeyMemory(nn.Module):
         self.gate = nn.Linear(dim, c.value_dim, bias=False) if c.swilu else None
         self.out = nn.Linear(c.value_dim, dim, bias=False)
 
-    def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (M, dim) -> (weights (M, H, k) fp32 softmax, slots (M, H, k))."""
+    def lookup(self, x: Tensor, *, balance: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+        """x: (M, dim) -> (weights (M, H, k) fp32 softmax, slots (M, H, k)); with `balance`, also the
+        sub-key load-balancing loss of these tokens (sub_key_balance_loss)."""
         c = self.config
         q = self.query(x)
         if self.query_norm is not None:
@@ -84,19 +112,29 @@ class ProductKeyMemory(nn.Module):
             q = torch.cat([_rms(q[..., :half]), _rms(q[..., half:])], dim=-1)
             keys = _rms(keys)
         dtype = torch.promote_types(q.dtype, torch.float32)   # score and softmax in >= fp32
-        scores, slots = product_key_topk(q.to(dtype), keys.to(dtype), c.k)
-        return torch.softmax(scores, dim=-1), slots
+        if not balance:
+            scores, slots = product_key_topk(q.to(dtype), keys.to(dtype), c.k)
+            return torch.softmax(scores, dim=-1), slots
+        s1, s2 = sub_key_scores(q.to(dtype), keys.to(dtype))
+        scores, slots, i1, i2 = topk_of_halves(s1, s2, c.k)
+        return torch.softmax(scores, dim=-1), slots, sub_key_balance_loss(s1, s2, i1, i2)
 
-    def forward(self, x: Tensor, values: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, values: Tensor, padding_mask: Tensor | None = None,
+                balance: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """x: (B, T, dim). Returns the layer output (B, T, dim) and the slots read, (B, T, heads*k),
-        with -1 at padded positions (which read nothing and contribute no gradient)."""
+        with -1 at padded positions (which read nothing and contribute no gradient). A `balance` list
+        gets this layer's sub-key load-balancing loss over the real tokens appended."""
         c = self.config
         batch, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         if padding_mask is not None:
             real = padding_mask.reshape(-1)
             flat = flat[real]
-        weights, slots = self.lookup(flat)
+        if balance is None:
+            weights, slots = self.lookup(flat)
+        else:
+            weights, slots, aux = self.lookup(flat, balance=True)
+            balance.append(aux)
         read = F.embedding_bag(slots.reshape(flat.shape[0], -1), values,
                                per_sample_weights=weights.reshape(flat.shape[0], -1).to(values.dtype),
                                mode="sum", sparse=c.sparse_grad)        # sum over heads and k

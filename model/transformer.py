@@ -22,6 +22,8 @@ class ModelOutput:
     """(B, T, vocab) next-token logits."""
     memory_indices: list[Tensor]
     """One LongTensor (B, T, heads*k) per memory layer; -1 at padded positions."""
+    balance_loss: Tensor | None = None
+    """With forward(balance_loss=True): the memory layers' mean sub-key load-balancing loss (1 = uniform)."""
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -77,11 +79,12 @@ class Block(nn.Module):
         self.feed_forward = None if use_memory else FeedForward(config.dim, config.ffn_hidden)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
-                values: Tensor | None, padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+                values: Tensor | None, padding_mask: Tensor | None,
+                balance: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
         h = h + self.attention(self.attention_norm(h), cos, sin, attn_mask)
         if self.memory is None:
             return h + self.feed_forward(self.ffn_norm(h)), None
-        out, indices = self.memory(self.ffn_norm(h), values, padding_mask)
+        out, indices = self.memory(self.ffn_norm(h), values, padding_mask, balance)
         return h + out, indices
 
 
@@ -103,7 +106,7 @@ class Transformer(nn.Module):
         else:
             self.memory_values = None
 
-    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, balance_loss: bool = False) -> ModelOutput:
         batch, seq = tokens.shape
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.config.max_seq_len}")
@@ -117,14 +120,16 @@ class Transformer(nn.Module):
                                                                               device=tokens.device)
         h = self.tok_embeddings(tokens)
         indices: list[Tensor] = []
+        balance: list[Tensor] | None = [] if balance_loss else None
         for layer in self.layers:
             # Only memory blocks get the table: FSDP2 hooks every block's tensor inputs, and an unused
             # table input comes back from its backward hook as a dense N x d zero gradient per block.
             values = self.memory_values if layer.memory is not None else None
-            h, idx = layer(h, cos, sin, attn_mask, values, padding_mask)
+            h, idx = layer(h, cos, sin, attn_mask, values, padding_mask, balance)
             if idx is not None:
                 indices.append(idx)
-        return ModelOutput(logits=self.output(self.norm(h)).float(), memory_indices=indices)
+        aux = torch.stack(balance).mean() if balance else None
+        return ModelOutput(logits=self.output(self.norm(h)).float(), memory_indices=indices, balance_loss=aux)
 
     # ---- initialisation -------------------------------------------------------------------------
     def init_tensor_(self, name: str, tensor: Tensor, generator: torch.Generator) -> None:

@@ -100,6 +100,10 @@ class OptimSection:
     values_weight_decay: float | None = None
     """AdamW weight decay of the values table; None = optim.weight_decay. Dense AdamW decays every row at
     every step, read or not."""
+    memory_balance_loss: float = 0.0
+    """Weight of a load-balancing auxiliary loss on the memory's sub-key usage (MoE-router style; see
+    model.memory.sub_key_balance_loss: 1.0 when uniform), added to the training loss; 0 = off. It moves
+    only the queries, sub-keys and what feeds them, so with the value-only methods it changes nothing."""
 
 
 @dataclass
@@ -318,6 +322,11 @@ class JobConfig:
             raise bad("optim.values_lr_mult", f"must be finite, got {self.optim.values_lr_mult}")
         if self.optim.values_weight_decay is not None and not _finite(self.optim.values_weight_decay):
             raise bad("optim.values_weight_decay", f"must be finite, got {self.optim.values_weight_decay}")
+        w = self.optim.memory_balance_loss
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not _finite(w) or w < 0:
+            raise bad("optim.memory_balance_loss", f"must be a finite number >= 0, got {w!r}")
+        if w > 0 and not self.model_config().memory_layers:
+            raise bad("optim.memory_balance_loss", "needs a memory layer (model.memory_layers is empty)")
         if not str(self.output_dir).strip():
             raise bad("output_dir", "is empty; pass --output_dir=DIR")
 

@@ -118,7 +118,11 @@ class Stepper:
         num_tokens = int(mask.sum())
         num_loss_tokens = int((train_labels != IGNORE_INDEX).sum())
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        out = self.strategy.module(tokens, padding_mask=mask)
+        balance_weight = self.config.optim.memory_balance_loss
+        if balance_weight > 0:
+            out = self.strategy.module(tokens, padding_mask=mask, balance_loss=True)
+        else:
+            out = self.strategy.module(tokens, padding_mask=mask)
         stats: dict[str, Any] = {}
         if self.finetuner is not None and self.finetuner.args.enabled:
             indices = out.memory_indices
@@ -131,12 +135,16 @@ class Stepper:
         if num_loss_tokens == 0:   # this rank's rows hold no answer: contribute a zero loss, keep collectives
             loss = out.logits.sum() * 0.0
         split = _answer_split(out.logits, labels, answer) if answer is not None else {}
+        objective = loss
+        if balance_weight > 0:
+            split["train/balance_loss"] = float(out.balance_loss)
+            objective = loss + balance_weight * out.balance_loss
         if nan_fault:
-            loss = loss * float("nan")
+            objective = objective * float("nan")
         # a non-finite loss on any rank stops every rank together, before any update
-        if D.all_reduce_max(0.0 if torch.isfinite(loss).item() else 1.0) > 0:
+        if D.all_reduce_max(0.0 if torch.isfinite(objective).item() else 1.0) > 0:
             return {"train/loss": float("nan")}
-        self.strategy.backward(loss)
+        self.strategy.backward(objective)
         lr = lr_at(self.config, step, self.total_steps)
         # Values: mask + row-sync now, so the norm below is the same on every rank.
         values_sq = 0.0

@@ -144,3 +144,37 @@ def test_overrides_and_validation():
         make_config("tiny", dim="wide")
     with pytest.raises(ValueError, match="unknown model preset"):
         make_config("huge")
+
+
+def test_sub_key_balance_loss_is_one_when_uniform_and_n_when_collapsed():
+    from model.memory import sub_key_balance_loss, sub_key_scores, topk_of_halves
+    n, k, heads, m = 16, 4, 2, 64
+    # uniform: equal scores everywhere, and every sub-key chosen equally often
+    flat = torch.zeros(m, heads, n)
+    chosen = (torch.arange(m * heads * k) % n).view(m, heads, k)
+    assert sub_key_balance_loss(flat, flat, chosen, chosen).item() == pytest.approx(1.0)
+    # collapsed: every token puts its probability and its choice on sub-key 0
+    peaked = torch.full((m, heads, n), -1e4)
+    peaked[..., 0] = 0.0
+    zeros = torch.zeros(m, heads, 1, dtype=torch.long)
+    assert sub_key_balance_loss(peaked, peaked, zeros, zeros).item() == pytest.approx(n)
+    # the same top-k as product_key_topk, and the loss sends gradient to the sub-keys
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(m, heads, 8, generator=gen)
+    keys = torch.randn(heads, 2, n, 4, generator=gen, requires_grad=True)
+    s1, s2 = sub_key_scores(query, keys)
+    scores, slots, i1, i2 = topk_of_halves(s1, s2, k)
+    ref_scores, ref_slots = product_key_topk(query, keys, k)
+    assert torch.equal(slots, ref_slots)
+    sub_key_balance_loss(s1, s2, i1, i2).backward()
+    assert keys.grad is not None and keys.grad.abs().sum() > 0
+
+
+def test_forward_reports_the_balance_loss_only_when_asked():
+    torch.manual_seed(0)
+    model = build_model("tiny", n_layers=2, memory_layers=(1,), memory={"num_slots": 32 ** 2})
+    tokens = torch.randint(0, 8000, (2, 10))
+    assert model(tokens).balance_loss is None
+    out = model(tokens, balance_loss=True)
+    assert out.balance_loss.ndim == 0 and 0.5 < out.balance_loss.item() < 32   # ~1 at init, n = 32 if collapsed
+    torch.testing.assert_close(out.logits, model(tokens).logits)   # the lookup itself is unchanged
