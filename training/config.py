@@ -199,7 +199,7 @@ class JobConfig:
     seed: int = 0
     """Seed for init and data order."""
     deepspeed_config: str = ""
-    """DeepSpeed JSON for zero* strategies (default recipes/configs/deepspeed/zero{N}.json)."""
+    """DeepSpeed JSON for zero* strategies (recipes/train.py fills in recipes/configs/deepspeed/zero{N}.json)."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -447,6 +447,14 @@ def resolve_config(config_path: str | None, cli: dict[str, Any]) -> JobConfig:
     cli = {key.replace("-", "_") if "." not in key else key: _parse_cli_value(v) for key, v in cli.items()}
     config = _apply(config, _nest(cli, source="command line"))
     config.validate()
+    return config
+
+
+def with_deepspeed_default(config: JobConfig, folder: str | Path) -> JobConfig:
+    """A zero* config that names no DeepSpeed JSON gets FOLDER/zero{N}.json: the recipes pass their own
+    configs folder (the library reads no repository path)."""
+    if config.strategy.startswith("zero") and not config.deepspeed_config:
+        config.deepspeed_config = str(Path(folder) / f"{config.strategy}.json")
     return config
 
 

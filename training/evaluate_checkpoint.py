@@ -1,4 +1,4 @@
-"""Evaluate any checkpoint: `recipes/evaluate.py --checkpoint DIR [--sets ...] [--out FILE.json]`.
+"""Evaluate any checkpoint (the library behind `recipes/evaluate.py --checkpoint DIR [--sets ...] [--out FILE.json]`).
 
 The model is rebuilt the way the trainer builds it (meta -> LoRA if the run used it -> strategy seam ->
 materialise -> `strategy.load(model_only=True)` -> values table from `values.safetensors`), with the
@@ -17,20 +17,6 @@ import math
 import os
 from pathlib import Path
 from typing import Any
-
-USAGE = """usage: [torchrun --nproc_per_node=N] recipes/evaluate.py --checkpoint RUN_OR_CHECKPOINT_DIR
-         [--sets new_facts,known_facts,heldout_text,nq,hellaswag,gsm8k] [--out FILE.json] [--max_items N]
-         [--config CONFIG.yaml] [--memory_off] [--section.key=value ...]
-
---checkpoint  a run directory (its latest checkpoint) or a checkpoint directory (RUN/checkpoints/step_N)
---sets        sets to evaluate (default: the run's eval.sets)
---out         JSON to write (default: CHECKPOINT_DIR/eval.json)
---max_items   items per set (default: the run's eval.max_items)
---config      config to use instead of the run's config.yaml (needed when the checkpoint has none)
---memory_off  switch every memory layer's output off (an ablation: what the model knows without its memory);
-              default --out CHECKPOINT_DIR/eval_memory_off.json
---section.key=value  any config override, e.g. --eval.batch_size=8 --eval.nq=data/nq.jsonl --device=cpu
-"""
 
 KNOWN_SETS = ("new_facts", "known_facts", "heldout_text", "nq", "hellaswag", "gsm8k")
 
@@ -69,9 +55,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def resolve_eval_config(ckpt: Path, run_dir: Path | None, *, config_path: str | None,
-                        overrides: dict[str, Any]):
-    """The run's config.yaml (or `config_path`) + CLI overrides, validated like the trainer's."""
-    from training.config import load_yaml, resolve_config
+                        overrides: dict[str, Any], deepspeed_configs: str | Path | None = None):
+    """The run's config.yaml (or `config_path`) + CLI overrides, validated like the trainer's; a zero* run
+    that names no DeepSpeed JSON gets DEEPSPEED_CONFIGS/zero{N}.json (config.with_deepspeed_default)."""
+    from training.config import load_yaml, resolve_config, with_deepspeed_default
 
     if config_path is None:
         if run_dir is None or not (run_dir / "config.yaml").is_file():
@@ -85,7 +72,8 @@ def resolve_eval_config(ckpt: Path, run_dir: Path | None, *, config_path: str | 
     if not flat.get("init_from") and "init_from" not in overrides:
         # background/finetune configs require init_from; evaluation never reads it
         flat["init_from"] = repr(str(ckpt))
-    return resolve_config(None, {**flat, **overrides})
+    config = resolve_config(None, {**flat, **overrides})
+    return with_deepspeed_default(config, deepspeed_configs) if deepspeed_configs else config
 
 
 def _requested_sets(sets: Any) -> list[str] | None:
@@ -149,7 +137,8 @@ def evaluate_module(config, module, tokenizer, sets, device) -> dict[str, float]
 
 def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = None,
                         max_items: int | None = None, config: str | None = None,
-                        overrides: dict[str, Any] | None = None, memory_off: bool = False) -> dict[str, Any]:
+                        overrides: dict[str, Any] | None = None, memory_off: bool = False,
+                        deepspeed_configs: str | Path | None = None) -> dict[str, Any]:
     from training import distributed as D
     from training.checkpoint import read_trainer_state
     from training.data import load_tokenizer
@@ -168,7 +157,8 @@ def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = 
         if int(max_items) < 1:
             raise ValueError(f"--max_items must be >= 1, got {max_items}")
         overrides["eval.max_items"] = int(max_items)
-    cfg = resolve_eval_config(ckpt, run_dir, config_path=config, overrides=overrides)
+    cfg = resolve_eval_config(ckpt, run_dir, config_path=config, overrides=overrides,
+                              deepspeed_configs=deepspeed_configs)
     step = int(read_trainer_state(ckpt).get("step", 0))
     out_path = Path(out) if out else ckpt / ("eval_memory_off.json" if memory_off else "eval.json")
 
@@ -194,28 +184,3 @@ def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = 
         D.close()
     return result
 
-
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "false", "0"):
-        return str(value).lower() in ("true", "1")
-    raise ValueError(f"{name} takes no value or true/false, got {value!r}")
-
-
-def main(argv: list[str]) -> int:
-    """fire parses `--key=value` words, as recipes/train.py; errors are one line, exit code 2."""
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE)
-        return 0
-
-    def _run(checkpoint: str | None = None, sets: Any = None, out: str | None = None, max_items: int | None = None,
-             config: str | None = None, memory_off: bool = False, **overrides: Any) -> None:
-        if checkpoint is None:
-            raise ValueError("--checkpoint RUN_OR_CHECKPOINT_DIR is required (see --help)")
-        evaluate_checkpoint(str(checkpoint), sets=sets, out=None if out is None else str(out),
-                            max_items=max_items, config=None if config is None else str(config),
-                            overrides=overrides, memory_off=_flag(memory_off, "--memory_off"))
-
-    from training.cli import run_cli
-    return run_cli(_run, argv, name="evaluate.py")

@@ -1,4 +1,4 @@
-"""A look inside a finetune run's memory: `recipes/inspect.py RUN [--top_slots N] [--background_batches N]`.
+"""A look inside a finetune run's memory (the library behind `recipes/inspect.py RUN [--top_slots N] [--background_batches N]`).
 
 Reads what the run wrote (`selections.safetensors`: every step's selected rows and its fact; `summary.json`)
 and its base (the `init_from` background run: document frequencies, background lookup counts, weights), and
@@ -23,13 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-USAGE = """usage: recipes/inspect.py RUN [--top_slots N] [--background_batches N]
-
-RUN                   a finetune run directory of a value-row method (sparse, tf_only, memory_all)
---top_slots N         rows (updated by the most facts) whose background readers are listed (default 10)
---background_batches  background batches the base model reads for that analysis (default 20; 0 skips it)
-Writes RUN/inspect.md and RUN/inspect_overlap.png."""
 
 LOW_DF = 0.05      # "low document frequency": read by < 5% of the background batches (the health gate's cut)
 
@@ -225,25 +218,3 @@ def _markdown(run: Path, summary: dict, r: dict, have_access: bool) -> str:
     lines += [f"| {b} | {n} |" for b, n in r["usage_histogram"]]
     return "\n".join(lines) + "\n"
 
-
-def main(argv: list[str]) -> int:
-    import sys
-
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    run, opts = argv[0], {"top_slots": 10, "background_batches": 20}
-    for arg in argv[1:]:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in opts or not value.lstrip("-").isdigit():
-            print(f"error: unknown or malformed option {arg!r}\n{USAGE}", file=sys.stderr)
-            return 2
-        opts[key] = int(value)
-    try:
-        result = inspect_run(run, **opts)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {Path(run) / 'inspect.md'} and {Path(run) / 'inspect_overlap.png'}: {result['facts']} facts, "
-          f"{result['rows_updated']} rows updated, Jaccard mean {result['jaccard_mean']:.3f} max {result['jaccard_max']:.3f}")
-    return 0

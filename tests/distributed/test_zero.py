@@ -319,9 +319,12 @@ def test_resume_under_zero3_sparse_reproduces_the_uninterrupted_run(root, finetu
 # ---- the DeepSpeed JSON (no launch) ----------------------------------------------------------------------
 def test_deepspeed_configs_load_and_bad_ones_fail_in_one_line(tmp_path):
     from training.parallel.zero import load_deepspeed_config
+    shipped = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "deepspeed"
     for stage in (1, 2, 3):
-        cfg = load_deepspeed_config("", stage)
+        cfg = load_deepspeed_config(str(shipped / f"zero{stage}.json"), stage)
         assert cfg["zero_optimization"]["stage"] == stage and cfg["gradient_clipping"] == 0.0
+    with pytest.raises(ValueError, match="'deepspeed_config' is empty"):
+        load_deepspeed_config("", 2)
     bad = {"stage": ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage=2"),
            "clip": ({"gradient_clipping": 1.0}, "--optim.grad_clip"),
            "optim": ({"optimizer": {"type": "Adam"}}, "'optimizer' section"),

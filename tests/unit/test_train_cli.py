@@ -111,3 +111,15 @@ def test_memory_balance_loss_is_logged_and_trains_the_router(tmp_path):
     assert len(aux) == 2 and all(0.5 < a < 1000 for a in aux), aux
     assert runs["plain"][0]["train/loss"] == pytest.approx(runs["balanced"][0]["train/loss"], rel=1e-6)
     assert runs["plain"][1]["train/loss"] != pytest.approx(runs["balanced"][1]["train/loss"], rel=1e-6)
+
+
+def test_full_finetuning_uses_the_weight_decay_it_is_given():
+    """An explicit --optim.weight_decay=0 stays 0 for --method=full (no silent 0.1), and 0.1 is 0.1."""
+    import torch
+
+    from training.step import optimizer_factory
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for wd in (0.0, 0.1):
+        cfg = resolve_config("recipes/configs/tiny_fact_learning.yaml",
+                             {"init_from": "x", "method": "full", "optim.lr": 1e-4, "optim.weight_decay": wd})
+        assert optimizer_factory(cfg, sgd=False)(p).param_groups[0]["weight_decay"] == wd

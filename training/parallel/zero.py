@@ -55,16 +55,17 @@ VALUES_KEY = "memory_values"
 DS_SUBDIR = "deepspeed"
 DS_TAG = "engine"
 LOAD_BUDGET_BYTES = 1 << 30   # full tensors held per DCP read round when loading model weights
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_deepspeed_config(path: str, stage: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for `stage` (default recipes/configs/deepspeed/zero{stage}.json), validated
-    and completed with what the loop requires (one micro-batch per step, no DeepSpeed clipping)."""
-    file = Path(path) if path else Path("recipes/configs/deepspeed") / f"zero{stage}.json"
-    if not file.is_absolute() and not file.exists():
-        file = REPO_ROOT / file
-    where = f"config key 'deepspeed_config': {path or file}"
+    """The DeepSpeed JSON at `path` (recipes/train.py fills in recipes/configs/deepspeed/zero{stage}.json when
+    the config names none), validated and completed with what the loop requires (one micro-batch per step,
+    no DeepSpeed clipping)."""
+    if not path:
+        raise ValueError(f"config key 'deepspeed_config' is empty: --strategy=zero{stage} needs a DeepSpeed JSON, "
+                         f"e.g. --deepspeed_config=recipes/configs/deepspeed/zero{stage}.json")
+    file = Path(path)
+    where = f"config key 'deepspeed_config': {path}"
     if not file.is_file():
         raise ValueError(f"{where} does not exist")
     try:

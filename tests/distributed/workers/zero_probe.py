@@ -1,6 +1,6 @@
 """torchrun worker for tests/distributed/test_zero.py: recipes/train.py, plus per-rank facts at every save.
 
-Runs the real entry point (training.cli.main) with the same arguments; the only addition is a wrapper
+Runs the real entry point (recipes/train.py's main) with the same arguments; the only addition is a wrapper
 around the strategy's `save` that, on every rank, appends one JSON line to OUTPUT_DIR/probe/rank{r}.jsonl:
 the SHA-256 of this rank's live values table, whether the table is a parameter of what the loop calls
 (it must not be: it lives outside the engine) or a ZeRO-3 parameter, and how many of the engine's
@@ -12,6 +12,7 @@ replicate).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repository root
 import torch  # noqa: E402
 
 from training import build  # noqa: E402
-from training.cli import main  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("smf_train_recipe", Path(__file__).resolve().parents[3] / "recipes" / "train.py")
+_recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_recipe)   # defines main; runs nothing (its __name__ is not __main__)
+main = _recipe.main
 from training.parallel import build_strategy  # noqa: E402
 
 
