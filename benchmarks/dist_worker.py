@@ -5,7 +5,7 @@
 Bytes are counted at the collective: torch.distributed.all_reduce is wrapped for the whole run and
 every call records the bytes of the tensor it was given, tagged with the phase of the step it ran
 in ("selection": the slot-count all-reduce inside update_trainable_indices; "values_sync": the row
-all-reduce inside sync_gradients). The values-sync bytes are cross-checked against the finetuner's
+all-reduce in the values optimizer's pre-hook). The values-sync bytes are cross-checked against the finetuner's
 own `synced_bytes_last_step`. DDP (or FSDP's reduce-scatter, which moves the same volume per rank
 in a ring) would all-reduce the full N x d gradient: N·d·4 bytes.
 

@@ -2,7 +2,7 @@
 
 It follows training/step.py (Stepper.step) for the values-only methods: the finetuner selects rows
 from the forward's memory indices, backward runs the finetuner's masking tensor hook, then
-`sync_gradients()` (mask + all-reduce of the t selected rows when distributed) and plain SGD.
+the optimizer step, whose pre-hook masks and all-reduces the t selected rows (when distributed) before plain SGD.
 
 `Setup` holds two views of the one values table: `values` carries the finetuner's hooks, `plain`
 is a second nn.Parameter over the same storage with no hooks, so the "no selection" step trains the
@@ -75,11 +75,10 @@ def smf_step(s: Setup, tokens: torch.Tensor, *, phase=None) -> float:
     t0 = time.perf_counter()
     if phase:
         phase("values_sync")
-    s.finetuner.sync_gradients()
+    s.opt.step()                 # the finetuner's pre-hook masks and row-syncs, then SGD
     if phase:
         phase(None)
     s.sync_s.append(time.perf_counter() - t0)
-    s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
@@ -114,10 +113,9 @@ def union_step(s: Setup, u: UnionSync, tokens: torch.Tensor, *, phase=None) -> f
     loss.backward()
     if phase:
         phase("values_sync")
-    u.finetuner.sync_gradients()
+    u.opt.step()                 # the pre-hook all-reduces the union of accessed rows, then SGD
     if phase:
         phase(None)
-    u.opt.step()
     u.opt.zero_grad(set_to_none=True)
     s.model.memory_values = s.values
     return float(loss.detach())

@@ -6,7 +6,7 @@ One variant per process, so that each one's peak resident memory is its own (ru_
 process-wide high-water mark: a second variant in the same process would hide under the first's).
 Variants (same model, same batches, same TF-IDF selection of t rows, same SGD):
   sparse     - ours: embedding_bag(sparse=True) gives a COO gradient of the looked-up rows only; the
-               finetuner's hook drops every row outside the top t, sync_gradients keeps them;
+               finetuner's hook drops every row outside the top t, its optimizer pre-hook keeps them;
   dense_mask - the dense-mask approach of the reference implementations: embedding_bag(sparse=False)
                gives a full N x d gradient, and a tensor hook masks it every step with
                `mask = zeros_like(grad); mask[rows] = 1; grad * mask` (an N x d mask and product);
@@ -63,9 +63,7 @@ def main() -> None:
         out = model(s.batches[i])
         finetuner.update_trainable_indices(out.memory_indices)
         lm_loss(out.logits, s.batches[i]).backward()
-        if args.variant != "dense_mask":
-            finetuner.sync_gradients()
-        s.opt.step()
+        s.opt.step()        # sparse / dense_lib: the finetuner's pre-hook masks (and syncs) first
         s.opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)

@@ -2,7 +2,7 @@
 
 Two steps on one model and one values table, interleaved rep by rep on the same batches:
   smf   - forward, finetuner.update_trainable_indices (counts, TF-IDF, top-t), backward with the
-          finetuner's masking hook, sync_gradients (mask; with one rank there is nothing to reduce),
+X
           SGD on the t selected rows;
   plain - forward, backward, SGD on the same table with no selection (every accessed row moves).
 Ratio smf / plain, median of per-rep ratios of CPU time (one thread; see common.ratio_clock; the

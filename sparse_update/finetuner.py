@@ -240,9 +240,8 @@ class SparseMemoryFinetuner:
     def sync_gradients(self) -> None:
         """Mask the values gradient to the trainable rows and average those rows over ranks (in place).
 
-        The optimizer pre-hook from attach() calls this; call it yourself after backward when you need the
-        synced gradient earlier (e.g. before clipping: the synced gradient is identical on every rank, so
-        its norm needs no further reduction). Idempotent; collective when distributed.
+        The optimizer pre-hook from attach() calls this; grad_sq_norm() calls it earlier when a clip needs
+        the norm of the synced gradient. Idempotent; collective when distributed.
         """
         if not self.args.enabled:
             return
@@ -285,6 +284,23 @@ class SparseMemoryFinetuner:
             grad.index_copy_(0, rows, rows_buf)
         else:
             param.grad = rows_to_grad(rows_buf, rows, shape=param.shape, sparse=not dense)
+
+    @torch.no_grad()
+    def grad_sq_norm(self) -> float:
+        """Squared L2 norm of the values gradient the next optimizer step applies: masked to the selected
+        rows and averaged over ranks, hence the same on every rank (no further reduction), e.g. for a global
+        gradient clip. Masks and syncs first unless that was done since the last backward (collective when
+        distributed); the optimizer pre-hook then has nothing left to do."""
+        if not self.args.enabled:
+            return 0.0
+        if not self._grad_synced:
+            self.sync_gradients()
+        grad = self._values.grad
+        if grad is None:
+            return 0.0
+        # after the sync only the selected rows are nonzero: sum over them, not over all N rows
+        rows = grad.coalesce().values() if grad.is_sparse else grad.index_select(0, self._require_selection().to(grad.device))
+        return float(torch.linalg.vector_norm(rows, dtype=torch.float64) ** 2)
 
     def _masked_in_place(self, grad: Tensor, rows: Tensor) -> Tensor:
         if grad.is_sparse:

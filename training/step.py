@@ -1,7 +1,8 @@
 """Which parameters train, with which optimizer and which sparse_update mode — and the step itself.
 
-Data path of one step: batch -> forward (logits + memory indices) -> counts all-reduced -> TF-IDF ->
-top-t -> backward -> optimizer pre-hook (mask + row sync) -> step.
+Data path of one step (Stepper.step): batch -> forward (logits + memory indices) -> select (counts
+all-reduced -> TF-IDF -> top-t) -> backward -> clip -> step (dense lane: the strategy; values lane: the
+optimizer pre-hook masks and row-syncs, then SGD/AdamW).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 from data_pipeline import IGNORE_INDEX
 from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs
 from training import distributed as D
+from training.values_lane import ValuesLane
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mea
 
 
 class Stepper:
-    """Runs one optimisation step; the loop calls `step(batch, step_index)` and logs what it returns."""
+    """Runs one optimisation step; the loop calls `step(batch, step_index)` and logs what it returns.
 
-    def __init__(self, *, config, strategy, finetuner: SparseMemoryFinetuner | None,
-                 values: nn.Parameter | None, values_optimizer: torch.optim.Optimizer | None,
+    forward (logits + memory indices) -> select (counts all-reduced, ranked, top-t) -> backward -> clip
+    (one global norm over the dense parameters and the values lane) -> step (strategy, then the values lane,
+    whose optimizer pre-hook masks and row-syncs the values gradient)."""
+
+    def __init__(self, *, config, strategy, finetuner: SparseMemoryFinetuner | None, values_lane: ValuesLane | None,
                  device: torch.device, total_steps: int) -> None:
-        self.config, self.strategy, self.finetuner = config, strategy, finetuner
-        self.values, self.values_optimizer = values, values_optimizer
+        self.config, self.strategy, self.finetuner, self.values_lane = config, strategy, finetuner, values_lane
         self.device, self.total_steps = device, total_steps
 
     def step(self, batch, step: int, *, nan_fault: bool = False) -> dict[str, Any]:
@@ -118,19 +122,15 @@ class Stepper:
         num_tokens = int(mask.sum())
         num_loss_tokens = int((train_labels != IGNORE_INDEX).sum())
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        # ---- forward
         balance_weight = self.config.optim.memory_balance_loss
         if balance_weight > 0:
             out = self.strategy.module(tokens, padding_mask=mask, balance_loss=True)
         else:
             out = self.strategy.module(tokens, padding_mask=mask)
-        stats: dict[str, Any] = {}
-        if self.finetuner is not None and self.finetuner.args.enabled:
-            indices = out.memory_indices
-            if self.config.sparse.count_positions == "loss":
-                # only reads at positions that carry loss count (the -1 of padding means "not read")
-                keep = (train_labels != IGNORE_INDEX)[..., None]
-                indices = [i.masked_fill(~keep, -1) for i in indices]
-            stats = self.finetuner.update_trainable_indices(indices)
+        # ---- select
+        stats = self._select(out.memory_indices, train_labels)
+        # ---- loss + backward
         loss = lm_loss(out.logits, train_labels, reduction=self.config.optim.loss_reduction)
         if num_loss_tokens == 0:   # this rank's rows hold no answer: contribute a zero loss, keep collectives
             loss = out.logits.sum() * 0.0
@@ -145,26 +145,16 @@ class Stepper:
         if D.all_reduce_max(0.0 if torch.isfinite(objective).item() else 1.0) > 0:
             return {"train/loss": float("nan")}
         self.strategy.backward(objective)
+        # ---- clip: one norm over both lanes (the values lane's is the same on every rank once synced)
         lr = lr_at(self.config, step, self.total_steps)
-        # Values: mask + row-sync now, so the norm below is the same on every rank.
-        values_sq = 0.0
-        if self.values_optimizer is not None and self.values.grad is not None:
-            self.finetuner.sync_gradients()
-            g = self.values.grad
-            # after the sync only the selected rows are nonzero: sum over them, not over all N rows
-            rows = g.coalesce().values() if g.is_sparse else g.index_select(0, self.finetuner.trainable_indices)
-            values_sq = float(torch.linalg.vector_norm(rows, dtype=torch.float64) ** 2)
+        values_sq = self.values_lane.grad_sq_norm() if self.values_lane is not None else 0.0
         grad_norm = math.sqrt(self.strategy.grad_norm_sq() + values_sq)
         clip = self.config.optim.grad_clip
         coef = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
+        # ---- step
         self.strategy.step(clip_coef=coef, lr=lr)
-        if self.values_optimizer is not None:
-            if coef < 1.0 and self.values.grad is not None:
-                self.values.grad.mul_(coef)
-            for group in self.values_optimizer.param_groups:
-                group["lr"] = lr * self.config.optim.values_lr_mult
-            self.values_optimizer.step()
-            self.values_optimizer.zero_grad(set_to_none=True)
+        if self.values_lane is not None:
+            self.values_lane.step(lr=lr, clip_coef=coef)
         elapsed = time.perf_counter() - t0
         per_token = loss.item() / (max(num_loss_tokens, 1) * world if self.config.optim.loss_reduction == "sum" else 1)
         metrics = {"train/loss": per_token, "train/lr": lr, "train/grad_norm": grad_norm,
@@ -172,6 +162,16 @@ class Stepper:
         metrics.update({f"sparse_update/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
         metrics.update(split)
         return metrics
+
+    def _select(self, indices: list[torch.Tensor], train_labels: torch.Tensor) -> dict[str, Any]:
+        """The finetuner's selection from this batch's memory reads (all ranks' counts combined)."""
+        if self.finetuner is None or not self.finetuner.args.enabled:
+            return {}
+        if self.config.sparse.count_positions == "loss":
+            # only reads at positions that carry loss count (the -1 of padding means "not read")
+            keep = (train_labels != IGNORE_INDEX)[..., None]
+            indices = [i.masked_fill(~keep, -1) for i in indices]
+        return self.finetuner.update_trainable_indices(indices)
 
     def _loss_labels(self, labels: torch.Tensor, answer: torch.Tensor | None) -> torch.Tensor:
         if self.config.optim.loss_on != "answer" or self.config.stage != "finetune":

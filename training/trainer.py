@@ -34,6 +34,7 @@ from training.metrics import MetricsLogger, memory_scalars
 from training.build import build_parallel_model
 from training.replicas import check_replicas
 from training.step import Stepper, make_plan, optimizer_factory, set_trainable
+from training.values_lane import ValuesLane
 
 
 class StopRequest:
@@ -193,10 +194,11 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     # before the finetuner: its backward hook masks the gradient, the tap must see it unmasked
     grad_tap = GradTap(values) if fact_diagnostics and plan.values_sgd and values is not None else None
     finetuner = SparseMemoryFinetuner(plan.sparse_args, values) if values is not None else None
-    values_opt = None
+    lane = None
     if plan.train_values and values is not None:
-        values_opt = optimizer_factory(config, sgd=plan.values_sgd, values=True)([values])
-        finetuner.attach(values_opt)
+        lane = ValuesLane(values, optimizer_factory(config, sgd=plan.values_sgd, values=True)([values]), finetuner,
+                          lr_mult=config.optim.values_lr_mult)
+    values_opt = lane.optimizer if lane is not None else None
     strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=False))
 
     # ---- restore: resume this run, or start from another stage's checkpoint ----------------------------
@@ -258,8 +260,8 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         return _background(config, dist_info, run_dir, log, stop, model, strategy, finetuner, stream,
                            values, step, t_start, tokenizer=tokenizer, facts=facts)
     total = _total_steps(config, stream)
-    stepper = Stepper(config=config, strategy=strategy, finetuner=finetuner, values=values,
-                      values_optimizer=values_opt, device=dist_info.device, total_steps=total)
+    stepper = Stepper(config=config, strategy=strategy, finetuner=finetuner, values_lane=lane,
+                      device=dist_info.device, total_steps=total)
     sets = eval_sets(config, facts, stream) if config.stage == "finetune" else {}
     diagnostics = None
     if fact_diagnostics:

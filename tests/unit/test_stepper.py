@@ -1,0 +1,117 @@
+"""Stepper and the values lane, one process, no torchrun: the step is forward -> select -> backward -> clip ->
+step, the values gradient is masked and synced once per step (by the optimizer pre-hook, or early by the clip
+norm), and only the selected rows move."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from data_pipeline import Batch
+from model import build_model
+from sparse_update import SparseMemoryFinetuner
+from training.config import resolve_config
+from training.step import Stepper, make_plan, optimizer_factory, set_trainable
+from training.values_lane import ValuesLane
+
+
+class LocalStrategy:
+    """The strategy seam's step interface over a plain module (what FSDP2/ZeRO provide under torchrun)."""
+
+    def __init__(self, module, params):
+        self.module, self.params = module, params
+        self.optimizer = torch.optim.SGD(params, lr=0.0) if params else None
+
+    def backward(self, loss):
+        loss.backward()
+
+    def grad_norm_sq(self):
+        return sum(float(p.grad.pow(2).sum()) for p in self.params if p.grad is not None)
+
+    def step(self, *, clip_coef, lr):
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def setup(method="tf_only", clip=0.0, t=6, lr=50.0):
+    cfg = resolve_config("recipes/configs/tiny_fact_learning.yaml", {
+        "init_from": "x", "method": method, "optim.lr": lr, "sparse.top_t": t, "optim.grad_clip": clip,
+        "optim.loss_on": "all", "model.n_layers": 2, "model.memory_layers": [1], "model.memory.num_slots": 32 ** 2})
+    torch.manual_seed(0)
+    model = build_model("tiny", n_layers=2, memory_layers=(1,), memory={"num_slots": 32 ** 2})
+    plan = make_plan(cfg)
+    set_trainable(model, plan, set())
+    values = model.memory_values
+    finetuner = SparseMemoryFinetuner(plan.sparse_args, values)
+    lane = ValuesLane(values, optimizer_factory(cfg, sgd=plan.values_sgd, values=True)([values]), finetuner,
+                      lr_mult=cfg.optim.values_lr_mult)
+    dense = [p for p in model.parameters() if p.requires_grad and p is not values]
+    stepper = Stepper(config=cfg, strategy=LocalStrategy(model, dense), finetuner=finetuner, values_lane=lane,
+                      device=torch.device("cpu"), total_steps=10)
+    tokens = torch.randint(0, 8000, (3, 10), generator=torch.Generator().manual_seed(1))
+    batch = Batch(tokens=tokens, padding_mask=torch.ones_like(tokens, dtype=torch.bool), labels=tokens.roll(-1, 1))
+    return cfg, model, finetuner, stepper, batch
+
+
+def count_syncs(finetuner, monkeypatch):
+    calls = []
+    original = finetuner.sync_gradients
+    monkeypatch.setattr(finetuner, "sync_gradients", lambda: (calls.append(1), original())[1])
+    return calls
+
+
+def test_only_the_selected_rows_move_and_the_dense_weights_stay(monkeypatch):
+    cfg, model, finetuner, stepper, batch = setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    syncs = count_syncs(finetuner, monkeypatch)
+    metrics = stepper.step(batch, 0)
+    assert len(syncs) == 1                                 # once per step: the clip norm's, the hook finds it done
+    changed = (model.memory_values != before["memory_values"]).any(1).nonzero().flatten()
+    selected = set(finetuner.trainable_indices.tolist())
+    assert len(selected) == 6 and 0 < changed.numel() <= 6 and set(changed.tolist()) <= selected
+    for key, value in before.items():
+        if key != "memory_values":
+            assert torch.equal(value, model.state_dict()[key]), key
+    assert metrics["sparse_update/selected"] == 6 and math.isfinite(metrics["train/loss"])
+
+
+def test_grad_norm_is_the_norm_of_the_masked_gradient_and_the_clip_scales_the_update():
+    # reference: the same step by hand, masked to the selection, no clip
+    _, model, finetuner, _, batch = setup()
+    out = model(batch.tokens, padding_mask=batch.padding_mask)
+    finetuner.update_trainable_indices(out.memory_indices)
+    finetuner.remove()                                     # its backward hook would mask: keep the full gradient
+    torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten()).backward()
+    g = model.memory_values.grad.coalesce().to_dense()
+    rows = finetuner.trainable_indices
+    masked_norm = float(g[rows].norm())
+    assert masked_norm < float(g.norm())                   # the mask matters for this batch
+
+    _, m1, _, s1, _ = setup()
+    start = m1.memory_values.detach().clone()
+    free = s1.step(batch, 0)
+    assert free["train/grad_norm"] == pytest.approx(masked_norm, rel=1e-5)
+    clip = masked_norm / 4
+    _, m2, _, s2, _ = setup(clip=clip)
+    clipped = s2.step(batch, 0)
+    assert clipped["train/grad_norm"] == pytest.approx(masked_norm, rel=1e-5)   # the norm before clipping
+    coef = clip / (masked_norm + 1e-6)                     # the Stepper's coefficient (its epsilon included)
+    torch.testing.assert_close(m2.memory_values - start, (m1.memory_values - start) * coef,
+                               rtol=1e-4, atol=1e-7)
+
+
+def test_without_a_clip_norm_the_optimizer_pre_hook_alone_masks(monkeypatch):
+    """The lane's step alone (no grad_sq_norm first): the pre-hook syncs exactly once, rows outside stay."""
+    _, model, finetuner, stepper, batch = setup()
+    lane = stepper.values_lane
+    start = model.memory_values.detach().clone()
+    out = model(batch.tokens, padding_mask=batch.padding_mask)
+    finetuner.update_trainable_indices(out.memory_indices)
+    torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten()).backward()
+    syncs = count_syncs(finetuner, monkeypatch)
+    lane.step(lr=50.0)
+    assert len(syncs) == 1 and model.memory_values.grad is None
+    changed = set((model.memory_values != start).any(1).nonzero().flatten().tolist())
+    assert changed and changed <= set(finetuner.trainable_indices.tolist())
