@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+from data_pipeline.atomic import atomic_write
 from benchmarks.common import PROFILES, REPO, Profile, loadavg, machine_info, median, run_json, summary
 
 # key -> (item, goal text, goal check or None, DESIGN.md §4 probe figure or None)
@@ -271,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     results["loadavg_end"] = loadavg()
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(results, indent=1, default=str) + "\n")
     print(table(results))
     print(f"\n{results['elapsed_s']} s; wrote {out}")
     missing = [k for k in REQUIRED if k not in results and not only]

@@ -34,6 +34,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from data_pipeline.batch import Batch, pad_rows
+from data_pipeline.atomic import atomic_write
 from data_pipeline.records import DocumentRecord, QARecord, SimpleQARecord, dedupe
 from data_pipeline.sources import DataError
 from data_pipeline.tokenizer import Tokenizer
@@ -98,15 +99,12 @@ def load_documents(path: str | os.PathLike) -> list[DocumentRecord]:
 
 def write_documents(path: str | os.PathLike, docs: Sequence[DocumentRecord]) -> int:
     """Write documents in the format :func:`load_documents` reads; returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for d in docs:
-            row = {"id": d.id, "title": d.title, "stand_in": d.stand_in, **({"note": STAND_IN_NOTE} if d.stand_in else {}), "text": d.text,
-                   "questions": [{"id": q.id, "question": q.question, "answers": q.answers} for q in d.questions]}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    lines = []
+    for d in docs:
+        row = {"id": d.id, "title": d.title, "stand_in": d.stand_in, **({"note": STAND_IN_NOTE} if d.stand_in else {}), "text": d.text,
+               "questions": [{"id": q.id, "question": q.question, "answers": q.answers} for q in d.questions]}
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    atomic_write(path, "".join(lines))
     return len(docs)
 
 

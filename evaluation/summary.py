@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from data_pipeline.atomic import atomic_write
 
 __all__ = ["SUMMARY_KEYS", "relative_change", "metric_entry", "flatten_metrics", "build_summary",
            "write_summary", "read_summary", "lower_is_better"]
@@ -95,18 +96,8 @@ def build_summary(*, stage: str, method: str, steps: int, wall_time_s: float,
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write via a temporary name + rename (a reader never sees a half-written file); the file follows the
-    umask like every other file of a run (safetensors' save_file and mkstemp would create it 0600)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write via a temporary name + rename (data_pipeline.atomic.atomic_write)."""
+    atomic_write(path, data)
 
 
 def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> None:

@@ -7,9 +7,9 @@ import torch
 
 from model.config import PRESETS, MemoryConfig, ModelConfig, make_config, update_dataclass
 from model.memory import ProductKeyMemory, product_key_topk
-from model.transformer import ModelOutput, Transformer
+from model.transformer import VALUES_KEY, ModelOutput, Transformer
 
-__all__ = ["build_model", "make_config", "ModelConfig", "MemoryConfig", "ModelOutput", "Transformer",
+__all__ = ["VALUES_KEY", "build_model", "make_config", "ModelConfig", "MemoryConfig", "ModelOutput", "Transformer",
            "ProductKeyMemory", "product_key_topk", "PRESETS", "update_dataclass"]
 
 

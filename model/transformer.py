@@ -16,6 +16,10 @@ from model.config import ModelConfig
 from model.memory import ProductKeyMemory
 
 
+VALUES_KEY = "memory_values"
+"""The name of the one values table every memory layer reads (a parameter of Transformer)."""
+
+
 @dataclass
 class ModelOutput:
     logits: Tensor

@@ -247,3 +247,51 @@ def load_values(ckpt: Path, values: torch.Tensor, values_optimizer: torch.optim.
 def load_sparse_state(ckpt: Path) -> dict | None:
     path = ckpt / "sparse.safetensors"
     return load_tree(path) if path.is_file() else None
+
+
+def restore(run_dir: Path, config, dist_info, *, strategy, values, values_optimizer, finetuner, stream, log,
+            lora_names: set[str]) -> tuple[int, dict | None, str | None]:
+    """Resume this run from its latest checkpoint, or start from `config.init_from`'s weights (and its
+    background statistics, for a finetune). Returns (step, run_state of a resumed run or None, what to print).
+
+    A resumed background stage is redone from its first batch: its weights are the init's and it trains
+    nothing, so its stream is left fresh and what the abandoned attempt logged is dropped from the stage
+    start. Any other stage restores every rank's stream and drops the log lines after the checkpoint."""
+    found = list_checkpoints(run_dir)
+    if found:
+        ckpt = found[-1]
+        verify_checkpoint(ckpt)
+        state = read_trainer_state(ckpt)
+        if state.get("world_size") != dist_info.world_size:
+            raise ValueError(f"checkpoint {ckpt} was written by {state.get('world_size')} ranks, this run has "
+                             f"{dist_info.world_size}; resume with the same number of processes")
+        strategy.load(str(ckpt / "sharded"), model_only=False)
+        if values is not None:
+            load_values(ckpt, values, values_optimizer)
+        sparse_state = load_sparse_state(ckpt)
+        if sparse_state is not None and finetuner is not None:
+            finetuner.load_state_dict(sparse_state)
+        step = int(state["step"])
+        if config.stage == "background":
+            log.rewind(state.get("metrics_offset"), -1)
+        else:
+            stream.load_state_dict(state["ranks"][dist_info.rank]["stream"])
+            log.rewind(state.get("metrics_offset"), step)
+        log.log(step, {}, kind="resume", console=False, extra={"checkpoint": ckpt.name})
+        return step, load_run_state(ckpt) or {}, f"resumed from {ckpt} at step {step}"
+    if not config.init_from:
+        return 0, None, None
+    ckpt = resolve_checkpoint(config.init_from)
+    strategy.load(str(ckpt / "sharded"), model_only=True, allow_missing=lambda k: k in lora_names)
+    if values is not None:
+        load_values(ckpt, values, None)
+    sparse_state = load_sparse_state(ckpt)
+    if sparse_state is not None and finetuner is not None and config.stage == "finetune":
+        # a new stage keeps the base's background statistics, not its selection
+        df = sparse_state["document_frequency"]
+        if df.numel() != values.shape[0]:
+            raise ValueError(f"checkpoint {ckpt} holds background statistics for N={df.numel()}, this "
+                             f"model has N={values.shape[0]}; re-run the background stage for this model")
+        finetuner.background_tracker.set_statistics(df.to(values.device), int(sparse_state["num_batches"]),
+                                                    sparse_state.get("access_counts"))
+    return 0, None, f"initialised from {ckpt}"

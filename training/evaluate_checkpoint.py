@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from data_pipeline.atomic import atomic_write
 
 KNOWN_SETS = ("new_facts", "known_facts", "heldout_text", "nq", "hellaswag", "gsm8k")
 
@@ -173,10 +174,7 @@ def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = 
         result = {"checkpoint": str(ckpt), "step": step, "memory_off": bool(memory_off),
                   "metrics": {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}}
         if dist_info.is_main:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out_path.with_name(out_path.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-            os.replace(tmp, out_path)
+            atomic_write(out_path, json.dumps(result, indent=1) + "\n")
             print(f"wrote {out_path}: " + ", ".join(f"{k}={v:.4g}" if v is not None else f"{k}=nan"
                                                     for k, v in result["metrics"].items()), flush=True)
         D.barrier()

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline.atomic import atomic_write
+
 LOW_DF = 0.05      # "low document frequency": read by < 5% of the background batches (the health gate's cut)
 
 
@@ -119,10 +121,8 @@ def _heatmap(matrix: torch.Tensor, names: list[str], path: Path) -> None:
         ax.set_yticks(range(n), names, fontsize=6)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def inspect_run(run: str | Path, *, top_slots: int = 10, background_batches: int = 20) -> dict[str, Any]:

@@ -171,8 +171,59 @@ def run(config) -> dict[str, Any]:
         log.close()
 
 
+@dataclasses.dataclass
+class _Parts:
+    """What a stage is built from (set-up): the parallel model, its data, and the values lane."""
+    plan: Any
+    strategy: Any
+    lora_names: set
+    values: torch.nn.Parameter | None
+    trainable: list
+    tokenizer: Any
+    facts: Any
+    stream: Any
+    finetuner: SparseMemoryFinetuner | None
+    lane: ValuesLane | None
+    grad_tap: GradTap | None
+    fact_diagnostics: bool
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What the loop accumulates; a checkpoint saves it and a resume restores it."""
+    step: int = 0
+    metrics: dict = dataclasses.field(default_factory=dict)
+    updated: torch.Tensor | None = None          # every row any step selected (updated_rows.safetensors)
+    selections: list | None = None               # (step, fact id, rows) per finetune step (selections.safetensors)
+    diagnostics: FactDiagnostics | None = None
+    diag_before: dict | None = None
+
+
 def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest, t_start: float) -> dict:
-    # ---- build on meta, choose what trains, parallelize, materialise -------------------------------
+    parts = _setup(config, dist_info)
+    step, resumed_state, message = C.restore(
+        run_dir, config, dist_info, strategy=parts.strategy, values=parts.values,
+        values_optimizer=parts.lane.optimizer if parts.lane is not None else None, finetuner=parts.finetuner,
+        stream=parts.stream, log=log, lora_names=parts.lora_names)
+    if message:
+        _print(dist_info, message)
+    _load_background_options(config, parts, resumed=resumed_state is not None)
+    if config.stage == "background":
+        return _background(config, dist_info, run_dir, log, stop, parts.strategy.module, parts.strategy,
+                           parts.finetuner, parts.stream, parts.values, step, t_start, tokenizer=parts.tokenizer,
+                           facts=parts.facts)
+    total = _total_steps(config, parts.stream)
+    sets = eval_sets(config, parts.facts, parts.stream) if config.stage == "finetune" else {}
+    progress = _restore_progress(config, parts, dist_info, log, step, resumed_state)
+    before = _before(config, run_dir, parts, sets, dist_info, log, step)
+    stopped = _loop(config, dist_info, run_dir, log, stop, parts, progress, total, sets)
+    if stopped is not None:
+        return stopped
+    return _finish(config, dist_info, run_dir, log, parts, progress, sets, before, t_start)
+
+
+def _setup(config, dist_info) -> _Parts:
+    """Build on meta, choose what trains, parallelize, materialise; data; the values lane and hooks."""
     plan = make_plan(config)
     strategy, lora_names = build_parallel_model(
         config, dist_info, set_trainable=lambda model, lora: set_trainable(model, plan, lora))
@@ -180,7 +231,6 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     values = strategy.values          # materialising replaces parameter objects: take them afterwards
     trainable = [p for p in strategy.module.parameters() if p.requires_grad and p is not values]
 
-    # ---- data ---------------------------------------------------------------------------------------
     tokenizer = load_tokenizer(config, model.config.vocab_size)
     facts = load_facts(config)
     if config.stage == "finetune":
@@ -189,7 +239,6 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         mixed = facts.known if config.stage == "pretrain" else facts.background
         stream = lm_stream(config, tokenizer, mixed, rank=dist_info.rank, world_size=dist_info.world_size)
 
-    # ---- optimizers + sparse_update hooks --------------------------------------------------------------
     fact_diagnostics = (config.stage == "finetune" and not config.data.documents and config.logging.memory_diagnostics)
     # before the finetuner: its backward hook masks the gradient, the tap must see it unmasked
     grad_tap = GradTap(values) if fact_diagnostics and plan.values_sgd and values is not None else None
@@ -198,185 +247,173 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
     if plan.train_values and values is not None:
         lane = ValuesLane(values, optimizer_factory(config, sgd=plan.values_sgd, values=True)([values]), finetuner,
                           lr_mult=config.optim.values_lr_mult)
-    values_opt = lane.optimizer if lane is not None else None
     strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=False))
+    return _Parts(plan, strategy, lora_names, values, trainable, tokenizer, facts, stream, finetuner, lane,
+                  grad_tap, fact_diagnostics)
 
-    # ---- restore: resume this run, or start from another stage's checkpoint ----------------------------
-    step = 0
-    resumed_state: dict | None = None     # what the summary reports besides the weights (updated rows, diagnostics)
-    resume = C.list_checkpoints(run_dir)
-    if resume:
-        ckpt = resume[-1]
-        C.verify_checkpoint(ckpt)
-        state = C.read_trainer_state(ckpt)
-        if state.get("world_size") != dist_info.world_size:
-            raise ValueError(f"checkpoint {ckpt} was written by {state.get('world_size')} ranks, this run has "
-                             f"{dist_info.world_size}; resume with the same number of processes")
-        strategy.load(str(ckpt / "sharded"), model_only=False)
-        if values is not None:
-            C.load_values(ckpt, values, values_opt)
-        sparse_state = C.load_sparse_state(ckpt)
-        if sparse_state is not None and finetuner is not None:
-            finetuner.load_state_dict(sparse_state)
-        step = int(state["step"])
-        resumed_state = C.load_run_state(ckpt) or {}
-        if config.stage == "background":
-            # its weights are the init's and it trains nothing: a resumed background stage is redone from its
-            # first batch (fresh stream), and what the abandoned attempt logged is dropped from the stage start
-            log.rewind(state.get("metrics_offset"), -1)
-        else:
-            stream.load_state_dict(state["ranks"][dist_info.rank]["stream"])
-            log.rewind(state.get("metrics_offset"), step)    # lines the abandoned attempt logged after this checkpoint
-        _print(dist_info, f"resumed from {ckpt} at step {step}")
-        log.log(step, {}, kind="resume", console=False, extra={"checkpoint": ckpt.name})
-    elif config.init_from:
-        ckpt = C.resolve_checkpoint(config.init_from)
-        strategy.load(str(ckpt / "sharded"), model_only=True, allow_missing=lambda k: k in lora_names)
-        if values is not None:
-            C.load_values(ckpt, values, None)
-        sparse_state = C.load_sparse_state(ckpt)
-        if sparse_state is not None and finetuner is not None and config.stage == "finetune":
-            # a new stage keeps the base's background statistics, not its selection
-            df = sparse_state["document_frequency"]
-            if df.numel() != values.shape[0]:
-                raise ValueError(f"checkpoint {ckpt} holds background statistics for N={df.numel()}, this "
-                                 f"model has N={values.shape[0]}; re-run the background stage for this model")
-            finetuner.background_tracker.set_statistics(df.to(values.device), int(sparse_state["num_batches"]),
-                                                        sparse_state.get("access_counts"))
-        _print(dist_info, f"initialised from {ckpt}")
-    if config.sparse.background_file and finetuner is not None and not resume:
+
+def _load_background_options(config, parts: _Parts, *, resumed: bool) -> None:
+    """sparse.background_file, and one-line errors when the ranking lacks the statistics it needs."""
+    finetuner, args = parts.finetuner, parts.plan.sparse_args
+    if config.sparse.background_file and finetuner is not None and not resumed:
         finetuner.load_background_indices(config.sparse.background_file)
-    if (config.stage == "finetune" and plan.sparse_args.enabled and plan.sparse_args.use_idf
-            and plan.sparse_args.mode == "top_t" and finetuner.background_tracker.num_batches == 0):
+    if config.stage != "finetune" or not args.enabled or args.mode != "top_t":
+        return
+    if args.use_idf and finetuner.background_tracker.num_batches == 0:
         raise ValueError(f"init_from={config.init_from} has no background statistics; run the background stage "
                          "and finetune from its run directory (or use --method=tf_only)")
-    if (config.stage == "finetune" and plan.sparse_args.enabled and plan.sparse_args.mode == "top_t"
-            and plan.sparse_args.ranking == "kl" and finetuner.background_tracker.access_counts is None):
+    if args.ranking == "kl" and finetuner.background_tracker.access_counts is None:
         raise ValueError(f"init_from={config.init_from}: its background statistics lack the access counts "
                          "--sparse.ranking=kl needs (written before they were recorded); re-run the background stage")
 
-    # ---- the loop ------------------------------------------------------------------------------------------
-    if config.stage == "background":
-        return _background(config, dist_info, run_dir, log, stop, model, strategy, finetuner, stream,
-                           values, step, t_start, tokenizer=tokenizer, facts=facts)
-    total = _total_steps(config, stream)
-    stepper = Stepper(config=config, strategy=strategy, finetuner=finetuner, values_lane=lane,
-                      device=dist_info.device, total_steps=total)
-    sets = eval_sets(config, facts, stream) if config.stage == "finetune" else {}
-    diagnostics = None
-    if fact_diagnostics:
-        diagnostics = FactDiagnostics(model=strategy.module, tokenizer=tokenizer, facts=facts, finetuner=finetuner,
-                                      device=dist_info.device, max_known=config.eval.max_items, grad_tap=grad_tap,
-                                      eval_options={"batch_size": config.eval.batch_size,
-                                                    "max_new_tokens": config.eval.max_new_tokens})
+
+def _restore_progress(config, parts: _Parts, dist_info, log, step: int, resumed_state: dict | None) -> _Progress:
+    progress = _Progress(step=step)
+    values = parts.values
+    if parts.fact_diagnostics:
+        progress.diagnostics = FactDiagnostics(
+            model=parts.strategy.module, tokenizer=parts.tokenizer, facts=parts.facts, finetuner=parts.finetuner,
+            device=dist_info.device, max_known=config.eval.max_items, grad_tap=parts.grad_tap,
+            eval_options={"batch_size": config.eval.batch_size, "max_new_tokens": config.eval.max_new_tokens})
         if resumed_state and "diagnostics" in resumed_state:
-            diag_before = diagnostics.load_state_dict(resumed_state["diagnostics"])
+            progress.diag_before = progress.diagnostics.load_state_dict(resumed_state["diagnostics"])
         else:
-            diag_before = diagnostics.before()
-            log.log(step, diag_before, kind="diagnostics", console=False)
-    before = _load_before(run_dir) if step > 0 else None
-    if config.stage == "finetune" and before is None:
-        cache = _before_cache_path(config, sets, model.config, dist_info.world_size)
-        before = _read_before_cache(cache)
-        if before is not None:
-            log.log(0, {f"eval/{k}": v for k, v in before.items()}, kind="eval", extra={"tag": "before", "cached": str(cache)})
-            _print(dist_info, f"[eval] before: reused {cache}")
-        else:
-            before = _evaluate(config, strategy, tokenizer, sets, dist_info, log, 0, "before")
-            if dist_info.is_main and cache is not None:
-                _write_before_cache(cache, before)
-        if dist_info.is_main:
-            (run_dir / "eval_before.json").write_text(json.dumps(before))
-
-    def save(at: int) -> None:
-        run_state: dict[str, Any] = {"last_train_loss": metrics.get("train/loss")}
-        if updated is not None:
-            run_state["updated"] = updated
-        if selections is not None:
-            run_state["selections"] = _selections_tree(selections)
-        if diagnostics is not None:
-            run_state["diagnostics"] = diagnostics.state_dict(diag_before)
-        C.save_checkpoint(run_dir, at, strategy=strategy, values=values, values_optimizer=values_opt,
-                          sparse_state=finetuner.state_dict() if finetuner is not None else None,
-                          trainer_state={"stage": config.stage, "method": config.method,
-                                         "fingerprint": config.fingerprint(),
-                                         "natural_steps": len(stream) if config.stage == "finetune" else None,
-                                         "metrics_offset": log.offset()},
-                          rank_state={"stream": stream.state_dict()}, dist_info=dist_info,
-                          keep_latest=config.checkpoint.keep_latest, run_state=run_state)
-
-    progress = _progress(config, dist_info, total, step)
-    updated = torch.zeros(values.shape[0], dtype=torch.bool) if values is not None else None
-    # every finetune step's selected rows and its fact (selections.safetensors; recipes/inspect.py reads it)
-    selections: list[tuple[int, str, torch.Tensor]] | None = (
-        [] if config.stage == "finetune" and plan.train_values and values is not None else None)
-    metrics: dict[str, Any] = {}
+            progress.diag_before = progress.diagnostics.before()
+            log.log(step, progress.diag_before, kind="diagnostics", console=False)
+    progress.updated = torch.zeros(values.shape[0], dtype=torch.bool) if values is not None else None
+    if config.stage == "finetune" and parts.plan.train_values and values is not None:
+        progress.selections = []
     if resumed_state:
-        if updated is not None and "updated" in resumed_state:
-            updated |= resumed_state["updated"].to(torch.bool)
-        if selections is not None and "selections" in resumed_state:
-            selections = _selections_list(resumed_state["selections"])
+        if progress.updated is not None and "updated" in resumed_state:
+            progress.updated |= resumed_state["updated"].to(torch.bool)
+        if progress.selections is not None and "selections" in resumed_state:
+            progress.selections = _selections_list(resumed_state["selections"])
         if resumed_state.get("last_train_loss") is not None:
-            metrics["train/loss"] = resumed_state["last_train_loss"]
+            progress.metrics["train/loss"] = resumed_state["last_train_loss"]
+    return progress
+
+
+def _before(config, run_dir: Path, parts: _Parts, sets, dist_info, log, step: int) -> dict | None:
+    """The evaluation before finetuning: this run's (resumed), a cached one of the same base and sets, or new."""
+    before = _load_before(run_dir) if step > 0 else None
+    if config.stage != "finetune" or before is not None:
+        return before
+    cache = _before_cache_path(config, sets, parts.strategy.module.config, dist_info.world_size)
+    before = _read_before_cache(cache)
+    if before is not None:
+        log.log(0, {f"eval/{k}": v for k, v in before.items()}, kind="eval", extra={"tag": "before", "cached": str(cache)})
+        _print(dist_info, f"[eval] before: reused {cache}")
+    else:
+        before = _evaluate(config, parts.strategy, parts.tokenizer, sets, dist_info, log, 0, "before")
+        if dist_info.is_main and cache is not None:
+            _write_before_cache(cache, before)
+    if dist_info.is_main:
+        (run_dir / "eval_before.json").write_text(json.dumps(before))
+    return before
+
+
+def _save(config, dist_info, run_dir: Path, log, parts: _Parts, progress: _Progress, at: int) -> None:
+    run_state: dict[str, Any] = {"last_train_loss": progress.metrics.get("train/loss")}
+    if progress.updated is not None:
+        run_state["updated"] = progress.updated
+    if progress.selections is not None:
+        run_state["selections"] = _selections_tree(progress.selections)
+    if progress.diagnostics is not None:
+        run_state["diagnostics"] = progress.diagnostics.state_dict(progress.diag_before)
+    C.save_checkpoint(run_dir, at, strategy=parts.strategy, values=parts.values,
+                      values_optimizer=parts.lane.optimizer if parts.lane is not None else None,
+                      sparse_state=parts.finetuner.state_dict() if parts.finetuner is not None else None,
+                      trainer_state={"stage": config.stage, "method": config.method,
+                                     "fingerprint": config.fingerprint(),
+                                     "natural_steps": len(parts.stream) if config.stage == "finetune" else None,
+                                     "metrics_offset": log.offset()},
+                      rank_state={"stream": parts.stream.state_dict()}, dist_info=dist_info,
+                      keep_latest=config.checkpoint.keep_latest, run_state=run_state)
+
+
+def _loop(config, dist_info, run_dir: Path, log, stop: StopRequest, parts: _Parts, progress: _Progress, total: int,
+          sets) -> dict | None:
+    """Train until `total` steps; None when done, the preemption result when a signal stopped it."""
+    stepper = Stepper(config=config, strategy=parts.strategy, finetuner=parts.finetuner, values_lane=parts.lane,
+                      device=dist_info.device, total_steps=total)
+    bar = _progress(config, dist_info, total, progress.step)
     # Finetuning keeps the model in eval mode: the model has no dropout, and train mode would let
     # BatchNorm (memory.query_batchnorm) renormalise queries with one fact's statistics and move its
     # running statistics -- parameters outside the selected value rows would change.
-    strategy.module.train(config.stage == "pretrain")
-    while step < total:
-        batch = next(stream)
+    parts.strategy.module.train(config.stage == "pretrain")
+    while progress.step < total:
+        batch = next(parts.stream)
         if config.stage == "finetune":
             batch = shard_rows(batch, dist_info.rank, dist_info.world_size)
-        metrics = stepper.step(batch, step, nan_fault=faults.active("nan_loss", step + 1, dist_info.rank))
-        if faults.active("diverge", step + 1, dist_info.rank):
+        metrics = stepper.step(batch, progress.step,
+                               nan_fault=faults.active("nan_loss", progress.step + 1, dist_info.rank))
+        progress.metrics = metrics
+        if faults.active("diverge", progress.step + 1, dist_info.rank):
             with torch.no_grad():
-                values[0] += 1e-3
-        if diagnostics is not None:
-            metrics.update(diagnostics.step(batch.fact_id, step + 1))
+                parts.values[0] += 1e-3
+        if progress.diagnostics is not None:
+            metrics.update(progress.diagnostics.step(batch.fact_id, progress.step + 1))
         if not torch.isfinite(torch.tensor(metrics["train/loss"])):
-            raise FloatingPointError(f"the loss is not finite at step {step + 1}; stopped before updating. The last good "
-                                     f"checkpoint is kept in {run_dir / 'checkpoints'}; lower optim.lr and resume")
-        step += 1
-        if updated is not None and plan.train_values and finetuner.trainable_indices is not None:
-            updated[finetuner.trainable_indices.cpu()] = True
-            if selections is not None:
-                selections.append((step, str(batch.fact_id), finetuner.trainable_indices.cpu().to(torch.int32)))
+            raise FloatingPointError(f"the loss is not finite at step {progress.step + 1}; stopped before updating. "
+                                     f"The last good checkpoint is kept in {run_dir / 'checkpoints'}; lower optim.lr "
+                                     "and resume")
+        progress.step += 1
+        step = progress.step
+        _record_selection(parts, progress, batch)
         if config.sparse.consistency_interval and step % config.sparse.consistency_interval == 0:
-            check_replicas(values, step=step)
+            check_replicas(parts.values, step=step)
         if step % config.logging.interval == 0 or step == total:
             extra = {"fact_id": batch.fact_id} if batch.fact_id is not None else {}
             log.log(step, {**metrics, **memory_scalars()}, extra=extra)
-        if progress is not None:
-            progress.update(1)
+        if bar is not None:
+            bar.update(1)
         if config.stage == "finetune" and config.eval.interval and step % config.eval.interval == 0 and step < total:
-            _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, "during")
+            _evaluate(config, parts.strategy, parts.tokenizer, sets, dist_info, log, step, "during")
         if config.checkpoint.interval and step % config.checkpoint.interval == 0 and step < total:
-            save(step)
+            _save(config, dist_info, run_dir, log, parts, progress, step)
         if stop.agreed():
-            save(step)
+            _save(config, dist_info, run_dir, log, parts, progress, step)
             if dist_info.is_main:
                 (run_dir / "PREEMPTED").write_text(f"stopped by signal at step {step}\n")
             _print(dist_info, f"preempted: checkpoint at step {step} written; re-run to resume")
             D.close(together=True)
             return {"preempted": True, "step": step}
-    if progress is not None:
-        progress.close()
-    check_replicas(values, step=step)
-    save(step)
-    updated_rows = updated.nonzero().flatten() if updated is not None else None
+    if bar is not None:
+        bar.close()
+    return None
+
+
+def _record_selection(parts: _Parts, progress: _Progress, batch) -> None:
+    finetuner = parts.finetuner
+    if progress.updated is None or not parts.plan.train_values or finetuner.trainable_indices is None:
+        return
+    rows = finetuner.trainable_indices.cpu()
+    progress.updated[rows] = True
+    if progress.selections is not None:
+        progress.selections.append((progress.step, str(batch.fact_id), rows.to(torch.int32)))
+
+
+def _finish(config, dist_info, run_dir: Path, log, parts: _Parts, progress: _Progress, sets, before,
+            t_start: float) -> dict:
+    """Last replica check and checkpoint, the row files, the evaluation after, summary.json."""
+    step = progress.step
+    check_replicas(parts.values, step=step)
+    _save(config, dist_info, run_dir, log, parts, progress, step)
+    updated_rows = progress.updated.nonzero().flatten() if progress.updated is not None else None
     if updated_rows is not None and dist_info.is_main:
         C.save_tree(run_dir / "updated_rows.safetensors", {"rows": updated_rows})
-        if selections is not None:
-            C.save_tree(run_dir / "selections.safetensors", _selections_tree(selections))
-    after = _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, "after") if sets else {}
-    trainable_per_step = _trainable_per_step(config, plan, trainable, values)
+        if progress.selections is not None:
+            C.save_tree(run_dir / "selections.safetensors", _selections_tree(progress.selections))
+    after = _evaluate(config, parts.strategy, parts.tokenizer, sets, dist_info, log, step, "after") if sets else {}
+    trainable_per_step = _trainable_per_step(config, parts.plan, parts.trainable, parts.values)
     summary = build_summary(stage=config.stage, method=config.method if config.stage == "finetune" else "-",
                             steps=step, wall_time_s=time.time() - t_start,
                             trainable_params_per_step=trainable_per_step, before=before, after=after)
-    summary["final_train_loss"] = metrics.get("train/loss")
+    summary["final_train_loss"] = progress.metrics.get("train/loss")
     summary["values_replicas_identical"] = True   # check_replicas above raised otherwise
-    if diagnostics is not None:
-        summary["diagnostics"] = {**diag_before, **diagnostics.after(updated_rows if plan.train_values else None,
-                                                                     step=step)}
+    if progress.diagnostics is not None:
+        rows = updated_rows if parts.plan.train_values else None
+        summary["diagnostics"] = {**progress.diag_before, **progress.diagnostics.after(rows, step=step)}
         log.log(step, {k: v for k, v in summary["diagnostics"].items() if isinstance(v, (int, float))},
                 kind="diagnostics", console=False)
     if dist_info.is_main:

@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-VALUES_KEY = "memory_values"
+from model import VALUES_KEY
 
 
 class FSDP2Strategy:

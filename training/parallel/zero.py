@@ -51,7 +51,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-VALUES_KEY = "memory_values"
+from model import VALUES_KEY
 DS_SUBDIR = "deepspeed"
 DS_TAG = "engine"
 LOAD_BUDGET_BYTES = 1 << 30   # full tensors held per DCP read round when loading model weights
