@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,6 +397,12 @@ def _apply(config: JobConfig, updates: dict[str, Any]) -> JobConfig:
     return config
 
 
+def _field_kind(cls: type, name: str) -> type | None:
+    """The container a dataclass field holds (list, dict, ...) from its resolved annotation."""
+    hint = typing.get_type_hints(cls).get(name)
+    return typing.get_origin(hint) or hint
+
+
 def _coerce_lists(config: Any, updates: dict) -> dict:
     out = {}
     fields = {f.name: f for f in dataclasses.fields(config)}
@@ -403,14 +410,14 @@ def _coerce_lists(config: Any, updates: dict) -> dict:
         f = fields.get(key)
         if f is not None and dataclasses.is_dataclass(getattr(config, key)) and isinstance(value, dict):
             value = _coerce_lists(getattr(config, key), value)
-        elif f is not None and str(f.type) == "list":
+        elif f is not None and _field_kind(type(config), key) is list:
             if isinstance(value, str):   # "a,b" or "[a, b]" from the command line
                 value = [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
             elif isinstance(value, tuple):
                 value = list(value)
             if not isinstance(value, list):
                 raise ValueError(f"config key '{key}' must be a list, got {value!r}")
-        elif f is not None and str(f.type) == "dict" and not isinstance(value, dict):
+        elif f is not None and _field_kind(type(config), key) is dict and not isinstance(value, dict):
             raise ValueError(f"config key '{key}' must be a mapping, got {value!r}")
         out[key] = value
     return out
