@@ -31,23 +31,32 @@ class Plan:
     sparse_args: SparseMemoryFinetuningArgs
 
 
+# Each method as data: (train_dense, train_lora, train_values, values_sgd, finetuner mode or None).
+# Pretraining trains like `full`; the background stage trains nothing.
+METHOD_TABLE: dict[str, tuple[bool, bool, bool, bool, str | None]] = {
+    "sparse":     (False, False, True, True, "top_t"),          # the top t rows by --sparse.ranking, SGD
+    "tf_only":    (False, False, True, True, "top_t"),          # the same with ranking tf (alias)
+    "memory_all": (False, False, True, True, "all_accessed"),   # every row the batch read, SGD
+    "full":       (True, False, True, False, "all_accessed"),   # everything, AdamW (dense values gradient)
+    "lora":       (False, True, False, False, None),            # LoRA adapters only
+    "background": (False, False, False, False, None),           # records statistics, trains nothing
+}
+
+
 def make_plan(config) -> Plan:
-    stage, method = config.stage, config.method
-    if stage == "background":
-        return Plan(False, False, False, False, SparseMemoryFinetuningArgs(enabled=False))
-    if stage == "pretrain" or method == "full":
-        # every accessed row is trained by AdamW; sync the union of accessed rows, hand AdamW a dense grad
-        args = SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed", dense_output=True,
+    key = {"pretrain": "full", "background": "background"}.get(config.stage, config.method)
+    train_dense, train_lora, train_values, values_sgd, mode = METHOD_TABLE[key]
+    if mode is None:
+        args = SparseMemoryFinetuningArgs(enabled=False)
+    elif mode == "all_accessed":
+        # every accessed row trains; the union of accessed rows is synced (AdamW gets a dense gradient)
+        args = SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed", dense_output=not values_sgd,
                                           count_exchange=config.sparse.count_exchange)
-        return Plan(True, False, True, False, args)
-    if method == "lora":
-        return Plan(False, True, False, False, SparseMemoryFinetuningArgs(enabled=False))
-    if method == "memory_all":
-        return Plan(False, False, True, True, SparseMemoryFinetuningArgs(
-            enabled=True, mode="all_accessed", count_exchange=config.sparse.count_exchange))
-    return Plan(False, False, True, True, SparseMemoryFinetuningArgs(
-        enabled=True, top_t=config.sparse.top_t, ranking="tf" if method == "tf_only" else config.sparse.ranking,
-        count_exchange=config.sparse.count_exchange))
+    else:
+        args = SparseMemoryFinetuningArgs(
+            enabled=True, top_t=config.sparse.top_t, count_exchange=config.sparse.count_exchange,
+            ranking="tf" if key == "tf_only" else config.sparse.ranking)
+    return Plan(train_dense, train_lora, train_values, values_sgd, args)
 
 
 def set_trainable(model: nn.Module, plan: Plan, lora_names: set[str]) -> None:

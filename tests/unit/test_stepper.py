@@ -115,3 +115,26 @@ def test_without_a_clip_norm_the_optimizer_pre_hook_alone_masks(monkeypatch):
     assert len(syncs) == 1 and model.memory_values.grad is None
     changed = set((model.memory_values != start).any(1).nonzero().flatten().tolist())
     assert changed and changed <= set(finetuner.trainable_indices.tolist())
+
+
+@pytest.mark.parametrize("stage,method,expect", [
+    ("pretrain", "sparse", (True, False, True, False, "all_accessed", True)),
+    ("background", "sparse", (False, False, False, False, None, False)),
+    ("finetune", "sparse", (False, False, True, True, "top_t", False)),
+    ("finetune", "tf_only", (False, False, True, True, "top_t", False)),
+    ("finetune", "memory_all", (False, False, True, True, "all_accessed", False)),
+    ("finetune", "full", (True, False, True, False, "all_accessed", True)),
+    ("finetune", "lora", (False, True, False, False, None, False)),
+])
+def test_the_method_table(stage, method, expect):
+    overrides = {"stage": stage, "method": method, "init_from": "x", "sparse.top_t": 7, "max_steps": 5}
+    if method in ("full", "lora") or stage == "pretrain":
+        overrides["optim.lr"] = 1e-4
+    cfg = resolve_config("recipes/configs/tiny_fact_learning.yaml", overrides)
+    plan = make_plan(cfg)
+    a = plan.sparse_args
+    got = (plan.train_dense, plan.train_lora, plan.train_values, plan.values_sgd, a.mode if a.enabled else None,
+           a.dense_output)
+    assert got == expect
+    if got[4] == "top_t":
+        assert a.top_t == 7 and a.ranking == ("tf" if method == "tf_only" else "tfidf")
