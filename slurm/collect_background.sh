@@ -15,6 +15,8 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 : "${CONFIG:=recipes/configs/paper_1.3b_background.yaml}"
+: "${OUTPUT_DIR:=runs/background}"
+: "${INIT_FROM=runs/base}"     # --init_from unless OVERRIDES names one (INIT_FROM= to start from nothing)
 # sbatch runs a copy of this file: ask Slurm where the original (and so the repository) is
 if [[ -z ${REPO_DIR:-} ]]; then
   REPO_DIR=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's|^ *Command=\(.*\)/slurm/[^/]*$|\1|p')

@@ -7,8 +7,11 @@
 #
 # and handles preemption. Settings (environment, or `sbatch --export=ALL,NAME=value`):
 #   CONFIG          YAML config (relative paths: from the submit directory, else from the repository)
-#   OUTPUT_DIR      run directory (default runs/$SLURM_JOB_NAME-$SLURM_JOB_ID); an existing run
-#                   directory resumes from its latest checkpoint
+#   OUTPUT_DIR      run directory; an existing one resumes from its latest checkpoint. Defaults chain the
+#                   stages: pretrain.sh runs/base, collect_background.sh runs/background, the finetunes
+#                   runs/$SLURM_JOB_NAME-$SLURM_JOB_ID
+#   INIT_FROM       the run to start from, passed as --init_from unless OVERRIDES names one (defaults:
+#                   background runs/base, finetunes runs/background; empty: none)
 #   NPROC_PER_NODE  processes per node (default: the node's allocated GPUs; 1 with DEVICE=cpu)
 #   OVERRIDES       extra `--key=value` words for train.py, split on whitespace
 #   DEVICE          empty (the config decides), `cuda`, or `cpu` (gloo; pair with `sbatch --gres=none`)
@@ -99,6 +102,10 @@ fi
 read -r -a OVERRIDE_WORDS <<<"$OVERRIDES"
 TRAIN_ARGS=(--config "$CONFIG" "--output_dir=$OUTPUT_DIR")
 [[ -z $DEVICE ]] || TRAIN_ARGS+=("--device=$DEVICE")
+# the stages chain: runs/base -> runs/background -> a finetune (each script's INIT_FROM default)
+if [[ -n ${INIT_FROM:-} && " $OVERRIDES" != *" --init_from="* ]]; then
+  TRAIN_ARGS+=("--init_from=$(realpath -m "$INIT_FROM")")
+fi
 TRAIN_ARGS+=("${OVERRIDE_WORDS[@]}")
 
 # ---- log into the run directory as well as Slurm's --output file --------------------------------

@@ -15,6 +15,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 : "${CONFIG:=recipes/configs/paper_1.3b_document_learning.yaml}"
+: "${INIT_FROM=runs/background}"     # --init_from unless OVERRIDES names one (INIT_FROM= to start from nothing)
 # sbatch runs a copy of this file: ask Slurm where the original (and so the repository) is
 if [[ -z ${REPO_DIR:-} ]]; then
   REPO_DIR=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's|^ *Command=\(.*\)/slurm/[^/]*$|\1|p')

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Fact learning: finetune on a stream of facts (sparse memory finetuning or a baseline: --method=...).
-#   sbatch slurm/fact_learning.sh   # defaults below, run dir runs/fact_learning-JOBID
+#   sbatch slurm/fact_learning.sh   # defaults below: from runs/background, run dir runs/fact_learning-JOBID
 #   CONFIG=... OUTPUT_DIR=... OVERRIDES="--key=value ..." sbatch --nodes=2 slurm/fact_learning.sh
 # Settings and the preemption protocol: slurm/common.sh. CPU mode (no GPUs):
 #   DEVICE=cpu NPROC_PER_NODE=2 sbatch --gres=none --cpus-per-task=2 slurm/fact_learning.sh
@@ -15,6 +15,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 : "${CONFIG:=recipes/configs/paper_1.3b_fact_learning.yaml}"
+: "${INIT_FROM=runs/background}"     # --init_from unless OVERRIDES names one (INIT_FROM= to start from nothing)
 # sbatch runs a copy of this file: ask Slurm where the original (and so the repository) is
 if [[ -z ${REPO_DIR:-} ]]; then
   REPO_DIR=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's|^ *Command=\(.*\)/slurm/[^/]*$|\1|p')

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Pretrain the memory-layer model on the text stream (all parameters, AdamW).
-#   sbatch slurm/pretrain.sh   # defaults below, run dir runs/pretrain-JOBID
+#   sbatch slurm/pretrain.sh   # defaults below, run dir runs/base (the next stage starts from it)
 #   CONFIG=... OUTPUT_DIR=... OVERRIDES="--key=value ..." sbatch --nodes=2 slurm/pretrain.sh
 # Settings and the preemption protocol: slurm/common.sh. CPU mode (no GPUs):
 #   DEVICE=cpu NPROC_PER_NODE=2 sbatch --gres=none --cpus-per-task=2 slurm/pretrain.sh
@@ -15,6 +15,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 : "${CONFIG:=recipes/configs/paper_1.3b_pretrain.yaml}"
+: "${OUTPUT_DIR:=runs/base}"
 # sbatch runs a copy of this file: ask Slurm where the original (and so the repository) is
 if [[ -z ${REPO_DIR:-} ]]; then
   REPO_DIR=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n 's|^ *Command=\(.*\)/slurm/[^/]*$|\1|p')

@@ -79,8 +79,9 @@ def test_fact_learning_job_completes(slurm_cluster, base_run, tmp_path):
 
 def test_failed_training_fails_the_job(slurm_cluster, tmp_path):
     out = tmp_path / "run"
-    # finetune without --init_from: the trainer refuses in one line, exit code 2
-    job = submit(slurm_cluster, "fact_learning.sh", out, "tiny_fact_learning.yaml", "--max_steps=2")
+    # finetune without --init_from (INIT_FROM= switches the chain default off): the trainer refuses in one
+    # line, exit code 2
+    job = submit(slurm_cluster, "fact_learning.sh", out, "tiny_fact_learning.yaml", "--max_steps=2", INIT_FROM="")
     info = slurm_cluster.wait(job, finished, 240, "the job to finish")
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
     assert info["Restarts"] == "0"
@@ -145,3 +146,33 @@ def test_preemption_signal_requeues_and_resumes(slurm_cluster, base_run, tmp_pat
     assert summary["steps"] == steps_total
     # every step ran exactly once across the three runs of the job
     assert train_steps(metrics) == list(range(1, steps_total + 1)), train_steps(metrics)
+
+
+def test_pipeline_chains_the_stages(slurm_cluster, tmp_path):
+    """slurm/pipeline.sh submits pretrain -> background -> fact learning with afterok dependencies; the bare
+    scripts' default run directories chain (RUNS/base -> RUNS/background -> RUNS/fact_learning)."""
+    runs = tmp_path / "runs"
+    logs = tmp_path / "slurm-logs"
+    logs.mkdir()
+    small = " ".join(SMALL)
+    env = dict(slurm_cluster.env, DEVICE="cpu", NPROC_PER_NODE="2", RUNS=str(runs),
+               CONFIG_PRETRAIN="recipes/configs/tiny_pretrain.yaml", OVERRIDES_PRETRAIN=f"--max_steps=2 {small}",
+               CONFIG_BACKGROUND="recipes/configs/tiny_background.yaml",
+               OVERRIDES_BACKGROUND=f"--sparse.background_batches=2 {small}",
+               CONFIG_FACT="recipes/configs/tiny_fact_learning.yaml", OVERRIDES_FACT=f"--max_steps=2 {FINETUNE}")
+    res = slurm_cluster.run("bash", "slurm/pipeline.sh", "--gres=none",
+                            f"--cpus-per-task={min(2, os.cpu_count() or 1)}", "--time=10",
+                            f"--output={logs}/%x-%j.out", env=env, check=False)
+    assert res.returncode == 0, res.stderr
+    jobs = res.stdout.split()
+    assert len(jobs) == 3 and all(j.isdigit() for j in jobs), res.stdout
+    assert f"afterok:{jobs[0]}" in slurm_cluster.job(jobs[1]).get("Dependency", "") or \
+        finished(slurm_cluster.job(jobs[0])), slurm_cluster.job(jobs[1])
+    for job, name in zip(jobs, ("base", "background", "fact_learning")):
+        wait_done(slurm_cluster, job, runs / name, 400)
+    assert json.loads((runs / "base" / "summary.json").read_text())["stage"] == "pretrain"
+    assert json.loads((runs / "background" / "summary.json").read_text())["stage"] == "background"
+    fact = json.loads((runs / "fact_learning" / "summary.json").read_text())
+    assert fact["stage"] == "finetune" and fact["steps"] == 2
+    assert f"--init_from={runs / 'base'}" in job_log(runs / "background", jobs[1])
+    assert f"--init_from={runs / 'background'}" in job_log(runs / "fact_learning", jobs[2])
