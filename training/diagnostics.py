@@ -39,6 +39,7 @@ class FactDiagnostics:
         self.records = {r.id: r for r in facts.new}
         self.known = list(facts.known[:max_known])
         self.known_lookups: list[torch.Tensor] = []
+        self.known_prompt_slots: list[torch.Tensor] = []   # per known fact: the slots read at any prompt token
         self.coverages: list[float] = []
         self.prompt_coverages: list[float] = []
         self.eval_options = dict(eval_options or {})
@@ -51,6 +52,7 @@ class FactDiagnostics:
         """Everything after() reads, for the checkpoint: a resumed run reports what an uninterrupted one would.
         `before` is what before() returned (measured on the initial model, not on the resumed one)."""
         return {"known_lookups": {str(i): t.cpu() for i, t in enumerate(self.known_lookups)},
+                "known_prompt_slots": {str(i): t.cpu() for i, t in enumerate(self.known_prompt_slots)},
                 "json": json.dumps({"num_known_lookups": len(self.known_lookups), "before": before,
                                     "coverages": self.coverages, "prompt_coverages": self.prompt_coverages,
                                     "overlaps": self.overlaps, "grad_masses": self.grad_masses,
@@ -61,6 +63,8 @@ class FactDiagnostics:
         data = json.loads(state["json"])
         lookups = state.get("known_lookups") or {}
         self.known_lookups = [lookups[str(i)].to(torch.long) for i in range(data["num_known_lookups"])]
+        prompt = state.get("known_prompt_slots") or {}
+        self.known_prompt_slots = [prompt[str(i)].to(torch.long) for i in range(len(prompt))]
         self.coverages, self.prompt_coverages = list(data["coverages"]), list(data["prompt_coverages"])
         self.overlaps, self.grad_masses = list(data["overlaps"]), list(data["grad_masses"])
         self.last_update = {k: int(v) for k, v in data["last_update"]}
@@ -70,8 +74,9 @@ class FactDiagnostics:
         tracker = self.finetuner.background_tracker if self.finetuner is not None else None
         new = answer_position_lookups(self.model, self.tokenizer, [eval_prompt(r) for r in self.records.values()],
                                       device=self.device)
-        self.known_lookups = answer_position_lookups(self.model, self.tokenizer,
-                                                     [eval_prompt(r) for r in self.known], device=self.device)
+        known = prompt_lookups(self.model, self.tokenizer, [eval_prompt(r) for r in self.known], device=self.device)
+        self.known_lookups = [last.clone() for last, _ in known]       # own storage: views of one tensor
+        self.known_prompt_slots = [every.clone() for _, every in known]   # cannot be saved side by side
         out: dict[str, float] = {}
         if tracker is not None and tracker.num_batches:
             df, b = tracker.document_frequency, tracker.num_batches
@@ -149,6 +154,10 @@ class FactDiagnostics:
             out["memory/prompt_slot_coverage_mean"] = sum(self.prompt_coverages) / len(self.prompt_coverages)
         if updated_rows is not None and self.known_lookups:
             out["memory/known_answer_lookups_in_updated_rows"] = hits_in_rows(self.known_lookups, updated_rows)
+        if updated_rows is not None and self.known_prompt_slots:
+            # the lookups at every token of a known fact's prompt (its name's too): the route by which a fact
+            # stored at the name positions can be disturbed without its answer-position reads changing
+            out["memory/known_prompt_slots_in_updated_rows"] = hits_in_rows(self.known_prompt_slots, updated_rows)
         if updated_rows is not None:
             out["memory/updated_rows"] = int(updated_rows.numel())
         return out

@@ -177,6 +177,8 @@ def test_answer_only_loss_and_loss_position_counts(runs):
     assert "new_facts/answer_nll" in s["metrics"] and s["metrics"]["new_facts/answer_nll"]["before"] > 0
     curve = s["diagnostics"]["new_facts/f1_by_steps_since_update"]
     assert sum(b["num_facts"] for b in curve) == 4
+    for key in ("memory/known_answer_lookups_in_updated_rows", "memory/known_prompt_slots_in_updated_rows"):
+        assert 0.0 <= s["diagnostics"][key] <= 1.0, key
     # memory_all with all positions counted selects every row it reads: exactly memory_all's moves. Counting
     # only the answer positions misses rows read earlier that still get gradient through attention.
     assert summary(every)["diagnostics"]["memory/topt_overlap_memory_all_mean"] == 1.0
