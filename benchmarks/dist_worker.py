@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from benchmarks.common import interleaved, median, paired_ratio, profile_from_dict, summary, token_batches
 from benchmarks.finetune_step import cycler, make_setup, make_union, plain_step, smf_step, union_step
+from training.distributed import close
 
 
 class CollectiveCounter:
@@ -158,8 +159,7 @@ def main() -> None:
             "allreduce_time_ratio": paired_ratio(ar["dense"], ar["rows"]),
             "values_checksum_equal_across_ranks_after_smf_step": identical,
         }))
-    dist.barrier()
-    dist.destroy_process_group()
+    close(together=True)
 
 
 def _checksum_equal(values: torch.Tensor) -> bool:

@@ -101,6 +101,11 @@ class OptimSection:
     values_weight_decay: float | None = None
     """AdamW weight decay of the values table; None = optim.weight_decay. Dense AdamW decays every row at
     every step, read or not."""
+    values_max_row_norm: float = 0.0
+    """A max-norm bound on the value rows: after each step, every row the step moved whose L2 norm grew past
+    max(this, its norm before the step) is scaled back to that bound (projected SGD: a row may turn and
+    shrink freely, never grow past the bound; rows already larger may not grow). 0 = off. Same on every
+    rank (the table is replicated) and stateless, so a resume continues exactly."""
     memory_balance_loss: float = 0.0
     """Weight of a load-balancing auxiliary loss on the memory's sub-key usage (MoE-router style; see
     model.memory.sub_key_balance_loss: 1.0 when uniform), added to the training loss; 0 = off. It moves
@@ -323,6 +328,12 @@ class JobConfig:
             raise bad("optim.values_lr_mult", f"must be finite, got {self.optim.values_lr_mult}")
         if self.optim.values_weight_decay is not None and not _finite(self.optim.values_weight_decay):
             raise bad("optim.values_weight_decay", f"must be finite, got {self.optim.values_weight_decay}")
+        cap = self.optim.values_max_row_norm
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not _finite(cap) or cap < 0:
+            raise bad("optim.values_max_row_norm", f"must be a finite number >= 0 (0 = off), got {cap!r}")
+        if cap > 0 and (self.stage == "background" or (self.stage == "finetune" and self.method == "lora")):
+            raise bad("optim.values_max_row_norm", f"the values table does not train here ({self.stage}, "
+                      f"method {self.method}): leave it 0")
         w = self.optim.memory_balance_loss
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not _finite(w) or w < 0:
             raise bad("optim.memory_balance_loss", f"must be a finite number >= 0, got {w!r}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -81,8 +82,13 @@ def broadcast_object(obj):
 def close(*, together: bool = False) -> None:
     """Destroy the process group. ``together``: every rank is here (a stage's normal end), so first meet at
     a barrier -- a rank that tore down its gloo group while rank 0 was still writing the run's results
-    was seen to abort ("terminate called without an active exception") after finishing its work."""
+    was seen to abort ("terminate called without an active exception") after finishing its work.
+
+    First collect garbage: reference cycles (closures, autograd graphs) that hold tensors which went
+    through a gloo collective were otherwise freed during interpreter finalization, and a rank then
+    aborted the same way after a clean exit (benchmarks.dist_worker: 3 runs in 12 without, 0 in 20 with)."""
     if dist.is_initialized():
+        gc.collect()
         if together:
             dist.barrier()
         dist.destroy_process_group()

@@ -162,14 +162,15 @@ class Stepper:
         coef = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
         # ---- step
         self.strategy.step(clip_coef=coef, lr=lr)
-        if self.values_lane is not None:
-            self.values_lane.step(lr=lr, clip_coef=coef)
+        capped = self.values_lane.step(lr=lr, clip_coef=coef) if self.values_lane is not None else 0
         elapsed = time.perf_counter() - t0
         per_token = loss.item() / (max(num_loss_tokens, 1) * world if self.config.optim.loss_reduction == "sum" else 1)
         metrics = {"train/loss": per_token, "train/lr": lr, "train/grad_norm": grad_norm,
                    "train/step_time_s": elapsed, "train/tokens_per_s": num_tokens * world / max(elapsed, 1e-9)}
         metrics.update({f"sparse_update/{k}": v for k, v in stats.items() if isinstance(v, (int, float))})
         metrics.update(split)
+        if self.config.optim.values_max_row_norm > 0:
+            metrics["memory/rows_norm_bounded"] = capped
         return metrics
 
     def _select(self, indices: list[torch.Tensor], train_labels: torch.Tensor) -> dict[str, Any]:

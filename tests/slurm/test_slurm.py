@@ -113,14 +113,17 @@ def test_preemption_signal_requeues_and_resumes(slurm_cluster, base_run, tmp_pat
     """Two preemptions of one job: a signal while the trainer is still starting (before its handler is
     installed; the batch shell re-sends it), then one mid-run. Each time: checkpoint, PREEMPTED, requeue,
     resume; in the end every step ran exactly once."""
-    # Enough steps that the first stop cannot fall at the end however fast the machine starts the trainer
-    # (a step takes ~0.3 s; the shell forwards its first signal 5 s after srun started): 8 passes x 4 steps.
-    steps_total = 30
+    # Enough steps that neither stop can fall at the end however fast the machine runs the trainer. A step
+    # takes 0.1-0.3 s. The batch shell forwards a signal no earlier than 5 s after its srun started (then every
+    # RESIGNAL_S = 2 s), so up to ~7 s of steps may run between the signal and the stop. With 30 steps the
+    # resumed run's remaining 15 once finished before the second signal reached it (CI: resumed [15, 30]);
+    # 120 steps leave >= 80 after the first stop: 30 passes x 4 steps.
+    steps_total = 120
     out = tmp_path / "run"
     metrics = out / "metrics.jsonl"
     t0 = time.monotonic()
     job = submit(slurm_cluster, "fact_learning.sh", out, "tiny_fact_learning.yaml",
-                 f"--init_from={base_run} --max_steps={steps_total} {FINETUNE} --data.passes=8", RESIGNAL_S="2")
+                 f"--init_from={base_run} --max_steps={steps_total} {FINETUNE} --data.passes=30", RESIGNAL_S="2")
     log = lambda: job_log(out, job)  # noqa: E731
 
     # 1) as soon as srun has launched torchrun: the workers are still importing torch

@@ -35,9 +35,10 @@ class LocalStrategy:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def setup(method="tf_only", clip=0.0, t=6, lr=50.0):
+def setup(method="tf_only", clip=0.0, t=6, lr=50.0, cap=0.0):
     cfg = resolve_config("recipes/configs/tiny_fact_learning.yaml", {
         "init_from": "x", "method": method, "optim.lr": lr, "sparse.top_t": t, "optim.grad_clip": clip,
+        "optim.values_max_row_norm": cap,
         "optim.loss_on": "all", "model.n_layers": 2, "model.memory_layers": [1], "model.memory.num_slots": 32 ** 2})
     torch.manual_seed(0)
     model = build_model("tiny", n_layers=2, memory_layers=(1,), memory={"num_slots": 32 ** 2})
@@ -46,7 +47,7 @@ def setup(method="tf_only", clip=0.0, t=6, lr=50.0):
     values = model.memory_values
     finetuner = SparseMemoryFinetuner(plan.sparse_args, values)
     lane = ValuesLane(values, optimizer_factory(cfg, sgd=plan.values_sgd, values=True)([values]), finetuner,
-                      lr_mult=cfg.optim.values_lr_mult)
+                      lr_mult=cfg.optim.values_lr_mult, max_row_norm=cfg.optim.values_max_row_norm)
     dense = [p for p in model.parameters() if p.requires_grad and p is not values]
     stepper = Stepper(config=cfg, strategy=LocalStrategy(model, dense), finetuner=finetuner, values_lane=lane,
                       device=torch.device("cpu"), total_steps=10)
@@ -138,3 +139,43 @@ def test_the_method_table(stage, method, expect):
     assert got == expect
     if got[4] == "top_t":
         assert a.top_t == 7 and a.ranking == ("tf" if method == "tf_only" else "tfidf")
+
+
+@pytest.mark.parametrize("cap_scale", [1.0, 1.5])
+def test_max_row_norm_projects_grown_rows_back_onto_the_bound_along_the_same_step(cap_scale):
+    """optim.values_max_row_norm: the same step as without the bound, then every moved row whose norm grew
+    past max(cap, its norm before) is scaled back to exactly that bound; rows within it and unselected rows
+    are left as the plain step leaves them."""
+    lr = 2000.0                                         # large enough that some selected rows grow past the cap
+    _, free_model, free_ft, free_stepper, batch = setup(lr=lr)
+    before = free_model.memory_values.detach().clone()
+    free_stepper.step(batch, 0)
+    free = free_model.memory_values.detach()
+    rows = free_ft.trainable_indices
+    pre, post = before[rows].norm(dim=1), free[rows].norm(dim=1)
+    cap = float(before.norm(dim=1).median()) * cap_scale
+    bound = pre.clamp(min=cap)
+    over = post > bound
+    assert int(over.sum()) > 0                       # else this test could not see the bound act
+
+    _, model, ft, stepper, batch = setup(lr=lr, cap=cap)
+    metrics = stepper.step(batch, 0)
+    got = model.memory_values.detach()
+    assert torch.equal(ft.trainable_indices, rows)       # same selection: the bound acts after the step
+    assert metrics["memory/rows_norm_bounded"] == int(over.sum())
+    expected = free.clone()
+    expected[rows[over]] = free[rows[over]] * (bound[over] / post[over])[:, None]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got[rows].norm(dim=1) <= bound * (1 + 1e-5)).all()
+    others = torch.ones(got.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert torch.equal(got[others], before[others])
+
+
+def test_max_row_norm_off_reports_nothing_and_changes_nothing():
+    _, model_a, _, stepper_a, batch = setup(lr=2000.0)
+    metrics = stepper_a.step(batch, 0)
+    assert "memory/rows_norm_bounded" not in metrics
+    _, model_b, _, stepper_b, batch = setup(lr=2000.0, cap=1e9)   # a bound no row reaches: the plain step
+    assert stepper_b.step(batch, 0)["memory/rows_norm_bounded"] == 0
+    assert torch.equal(model_a.memory_values, model_b.memory_values)

@@ -21,6 +21,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "unit")]
 
 from eval_fakes import GSM8K, QA, CharTokenizer, HellaSwag, OracleLM, PrefixMeanLM, Text, qa_prompt  # noqa: E402
 
+from training.distributed import close  # noqa: E402
 from evaluation import (evaluate_sets, gsm8k_nll, heldout_text_nll, hellaswag_accuracy,  # noqa: E402
                         known_facts_retention, qa_scores)
 
@@ -87,8 +88,7 @@ def main(out_dir: str) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out, indent=1))
     if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+        close(together=True)   # gc, barrier, destroy: see training.distributed.close
 
 
 if __name__ == "__main__":

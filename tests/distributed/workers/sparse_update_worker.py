@@ -21,6 +21,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs  # noqa: E402
+from training.distributed import close  # noqa: E402
 
 NUM_SLOTS, DIM, VOCAB, TOP_T, LR = 256, 8, 40, 6, 2.0
 
@@ -240,10 +241,7 @@ def main() -> None:
               count_exchange=exchange)
     check_missing_grad(res, background)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(res, indent=1, sort_keys=True))
-    # both ranks done before either tears down its gloo pairs: without it a peer's close could reach a
-    # rank still inside the last collective (seen once in CI: "terminate called without an active exception")
-    dist.barrier()
-    dist.destroy_process_group()
+    close(together=True)   # gc, barrier, destroy: see training.distributed.close
 
 
 if __name__ == "__main__":
