@@ -87,9 +87,10 @@ def test_other_methods_run(runs, method):
         assert not torch.equal(base, after)
 
 
-@pytest.mark.parametrize("ranking,nproc", [("kl", 1), ("kl", 2), ("seq_tfidf", 1), ("seq_tfidf", 2)])
+@pytest.mark.parametrize("ranking,nproc", [("tf", 1), ("tf", 2), ("kl", 1), ("kl", 2), ("seq_tfidf", 1),
+                                           ("seq_tfidf", 2)])
 def test_rankings_run_through_the_recipe(runs, ranking, nproc):
-    """--sparse.ranking=kl|seq_tfidf: the background stage records the access counts KL needs; each step
+    """--sparse.ranking=tf|kl|seq_tfidf: the background stage records the access counts KL needs; each step
     moves at most t rows, all of them selected; the replicas stay identical on 2 ranks."""
     out = runs / f"ft_{ranking}_{nproc}"
     train("--config", "recipes/configs/tiny_fact_learning.yaml", f"--output_dir={out}", f"--init_from={runs / 'bg'}",
