@@ -37,6 +37,9 @@ class SparseMemoryFinetuningArgs:
     """Hand the optimizer a dense values gradient (needed for AdamW, which rejects sparse gradients)."""
     mask_in_backward: bool = True
     """Mask the gradient during backward (tensor hook); False masks only at optimizer.step (needs attach())."""
+    num_background_batches: int = 1000
+    """Background batches finetuner.collect_background_indices() reads (the reference implementation's
+    option; the paper: 1000). The trainer's background stage uses its config key sparse.background_batches."""
 
     def __post_init__(self) -> None:
         for name in ("enabled", "use_idf", "dense_output", "mask_in_backward"):
@@ -49,6 +52,10 @@ class SparseMemoryFinetuningArgs:
             raise ValueError(
                 f"sparse_update.top_t must be a positive integer, got {self.top_t!r} ({type(self.top_t).__name__})"
             )
+        if isinstance(self.num_background_batches, bool) or not isinstance(self.num_background_batches, int) \
+                or self.num_background_batches < 1:
+            raise ValueError(f"sparse_update.num_background_batches must be an integer >= 1, "
+                             f"got {self.num_background_batches!r}")
         if self.top_t <= 0:
             raise ValueError(
                 f"sparse_update.top_t must be > 0, got {self.top_t}; the paper uses 500 (facts) or 10000 (documents)"

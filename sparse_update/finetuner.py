@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import comm
 from .args import SparseMemoryFinetuningArgs
+from .compat import ReferenceFinetunerAPI
 from .background import BackgroundTracker, load_background_statistics, save_background_file
 from .hook import gather_rows_, mask_rows, rows_to_grad
 from .tfidf import (Indices, count_slot_accesses, kl_scores, quantiles,
@@ -30,12 +31,15 @@ from .tfidf import (Indices, count_slot_accesses, kl_scores, quantiles,
 STATE_VERSION = 1
 
 
-class SparseMemoryFinetuner:
+class SparseMemoryFinetuner(ReferenceFinetunerAPI):
     """Selects the trainable rows of a memory-values table each step and restricts updates to them.
 
     `values` is the values nn.Parameter [N, d] (not the keys). When torch.distributed is initialised (or
     `process_group` is given), counts, background statistics and the selected gradient rows are reduced
     over that group, so every rank selects the same rows and keeps a bit-identical table.
+
+    The reference implementation's get_stats(), collect_background_indices() and cleanup() come from
+    ReferenceFinetunerAPI (compat.py).
     """
 
     def __init__(
@@ -436,6 +440,8 @@ class SparseMemoryFinetuner:
                 f"sparse_update checkpoint was made for N={state['num_slots']}, this model has N={self._num_slots}"
             )
         saved_args = state.get("args")
+        if saved_args is not None:   # options added after the checkpoint was written count as unchanged
+            saved_args = {**self.args.to_dict(), **saved_args}
         if saved_args is not None and saved_args != self.args.to_dict():
             changed = sorted(k for k in set(saved_args) | set(self.args.to_dict())
                              if saved_args.get(k) != self.args.to_dict().get(k))
