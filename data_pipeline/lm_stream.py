@@ -71,7 +71,10 @@ class LMStream:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        shuffle: bool = True,
     ) -> None:
+        # shuffle=False: every epoch reads the documents in file order (rank r: every world_size-th from r),
+        # as the streaming path (data_pipeline/hf_stream.py) does without a shuffle buffer
         self.texts = [t.text if isinstance(t, TextRecord) else t for t in texts]
         self.texts = [t for t in self.texts if t.strip()]
         _check_shard(len(self.texts), rank, world_size, "LMStream")
@@ -79,7 +82,7 @@ class LMStream:
             raise ValueError(f"need seq_len >= 1 and batch_size >= 1, got {seq_len}, {batch_size}")
         self.tokenizer = tokenizer
         self.seq_len, self.batch_size = seq_len, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self._ids: dict[int, np.ndarray] = {}
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
@@ -88,11 +91,16 @@ class LMStream:
 
     def documents_for_epoch(self, epoch: int) -> list[int]:
         """Indices (into ``texts``) of the documents this rank reads in ``epoch``, in reading order."""
-        return _epoch_order(len(self.texts), self.seed, epoch, self.rank, self.world_size).tolist()
+        return self._order_of(epoch).tolist()
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.texts))[self.rank::self.world_size]
+        return _epoch_order(len(self.texts), self.seed, epoch, self.rank, self.world_size)
 
     def _order_for(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
-            self._order = _epoch_order(len(self.texts), self.seed, epoch, self.rank, self.world_size)
+            self._order = self._order_of(epoch)
             self._order_epoch = epoch
         return self._order
 

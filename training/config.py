@@ -39,6 +39,12 @@ class DataSection:
     """SentencePiece model (path, or pkg:PACKAGE/REL/PATH for a file inside an installed package)."""
     text: list = field(default_factory=lambda: ["data_pipeline/samples/prose_sample.jsonl.zst"])
     """Text sources (jsonl / jsonl.zst with a `text` key) for pretraining and background."""
+    streaming: bool = False
+    """Stream data.text (jsonl[.gz|.zst], csv or parquet with a `text` column) through HF datasets
+    (load_dataset(..., streaming=True)) instead of holding every document in RAM. Training then skips the
+    first 64 documents, the held-out text when eval.heldout_text is empty (data_pipeline/hf_stream.py)."""
+    shuffle_buffer: int = 10000
+    """With data.streaming: documents shuffled through a buffer of this many (reseeded each epoch); 0 = file order."""
     facts: str = "data_pipeline/samples/triviaqa_validation_sample.jsonl"
     """TriviaQA source the fact streams draw from (any format load_source('triviaqa') reads)."""
     num_known_facts: int = 0
@@ -277,6 +283,8 @@ class JobConfig:
         for key in ("seq_len", "batch_size", "num_paraphrases", "passes"):
             if getattr(self.data, key) < 1:
                 raise bad(f"data.{key}", "must be >= 1")
+        if self.data.shuffle_buffer < 0:
+            raise bad("data.shuffle_buffer", "must be >= 0")
         if self.sparse.background_batches < 1:
             raise bad("sparse.background_batches", "must be >= 1")
         if self.lora.rank < 1:

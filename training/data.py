@@ -72,9 +72,32 @@ def _texts(config) -> list[str]:
     return texts[:-HELDOUT_DOCS]
 
 
+def _text_paths(config) -> list[Path]:
+    return [data_path(p, key="data.text") for p in config.data.text]
+
+
+def _text_stream(config, tokenizer: Tokenizer, *, batch_size: int, rank: int, world_size: int):
+    """data.text packed into windows: in RAM (LMStream), or streamed from the files (data.streaming)."""
+    d = config.data
+    if d.streaming:
+        from data_pipeline.hf_stream import StreamingLMStream
+        return StreamingLMStream(_text_paths(config), tokenizer, seq_len=d.seq_len, batch_size=batch_size,
+                                 rank=rank, world_size=world_size, seed=config.seed, shuffle_buffer=d.shuffle_buffer,
+                                 skip_docs=HELDOUT_DOCS)
+    return LMStream(_texts(config), tokenizer, seq_len=d.seq_len, batch_size=batch_size, rank=rank,
+                    world_size=world_size, seed=config.seed)
+
+
 def heldout_texts(config) -> list:
     if config.eval.heldout_text:
         return list(load_source("text", data_path(config.eval.heldout_text, key="eval.heldout_text")))
+    if config.data.streaming:   # the first documents, which the streaming training path skips
+        import itertools
+
+        from data_pipeline.hf_stream import stream_text_dataset
+        from data_pipeline import TextRecord
+        rows = itertools.islice(stream_text_dataset(_text_paths(config)), HELDOUT_DOCS)
+        return [TextRecord(id=f"heldout-{i}", text=row["text"][:HELDOUT_CHARS]) for i, row in enumerate(rows)]
     texts = load_texts([data_path(p, key="data.text") for p in config.data.text])
     from data_pipeline import TextRecord
     tail = texts[-HELDOUT_DOCS:]
@@ -92,8 +115,8 @@ def lm_stream(config, tokenizer: Tokenizer, facts: list, *, rank: int, world_siz
     d = config.data
     per_rank = _split(d.batch_size, world_size, "data.batch_size")
     num_fact_rows = round(per_rank * d.fact_ratio) if facts else 0
-    streams = [LMStream(_texts(config), tokenizer, seq_len=d.seq_len, batch_size=per_rank - num_fact_rows,
-                        rank=rank, world_size=world_size, seed=config.seed)] if per_rank > num_fact_rows else []
+    streams = [_text_stream(config, tokenizer, batch_size=per_rank - num_fact_rows, rank=rank, world_size=world_size)
+               ] if per_rank > num_fact_rows else []
     if num_fact_rows:
         streams.append(StatementStream(facts, tokenizer, seq_len=d.seq_len, batch_size=num_fact_rows, rank=rank,
                                        world_size=world_size, seed=config.seed,
