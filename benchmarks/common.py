@@ -36,7 +36,8 @@ class Profile:
     batch: int = 8            # finetune rows per step (global; split across ranks in the 2-rank worker)
     seq: int = 64
     top_t: int = 500
-    reps: int = 15            # interleaved repetitions of in-process comparisons (items 1, 5)
+    reps: int = 15            # interleaved repetitions of in-process comparisons (items 1, 5, smf_overhead_stepper)
+    trainer_reps: int = 7     # trainer_vs_plain_loop: interleaved pretrain steps per side (recipe batch 32 x 64)
     warmup: int = 1
     grad_rounds: int = 1      # item 2: rounds of fresh subprocesses, one per variant per round
     grad_steps: int = 3       # item 2: timed steps per subprocess (after one warm-up step)
@@ -62,14 +63,14 @@ BENCH_MODEL = {"memory.num_slots": 1024 ** 2}   # tiny preset: dim 256, 6 layers
 
 PROFILES: dict[str, Profile] = {
     "full": Profile(name="full", model=dict(BENCH_MODEL), batch=16, reps=21, grad_rounds=3, grad_steps=4,
-                    dist_reps=9, dense_allreduce_reps=3, pk_tokens=1024, pk_brute_tokens=128, pk_reps=7,
+                    dist_reps=9, dense_allreduce_reps=3, trainer_reps=11, pk_tokens=1024, pk_brute_tokens=128, pk_reps=7,
                     ffn_tokens=1024, train_steps=20, train_warmup=5, train_rounds=2),
     "quick": Profile(name="quick", model=dict(BENCH_MODEL)),
     "smoke": Profile(
         name="smoke",
         model={"dim": 64, "n_layers": 2, "n_heads": 2, "ffn_hidden": 128, "memory_layers": (1,),
                "memory.num_slots": 64 ** 2, "memory.k_dim": 32, "memory.value_dim": 32, "memory.k": 8},
-        batch=4, seq=16, top_t=20, reps=2, grad_rounds=1, grad_steps=1, dist_reps=2, dense_allreduce_reps=1,
+        batch=4, seq=16, top_t=20, reps=2, trainer_reps=2, grad_rounds=1, grad_steps=1, dist_reps=2, dense_allreduce_reps=1,
         pk_tokens=16, pk_brute_tokens=8, pk_reps=2, ffn_tokens=64, train_steps=3, train_warmup=1,
         train_overrides=("--model.n_layers=2", "--model.memory_layers=1", "--model.dim=64",
                          "--model.ffn_hidden=128", "--model.n_heads=2", "--model.memory.num_slots=1024",

@@ -2,11 +2,13 @@
 
     torchrun --standalone --nproc_per_node=2 -m benchmarks.dist_worker --profile JSON --out FILE
 
-Bytes are counted at the collective: torch.distributed.all_reduce is wrapped for the whole run and
-every call records the bytes of the tensor it was given, tagged with the phase of the step it ran
-in ("selection": the slot-count all-reduce inside update_trainable_indices; "values_sync": the row
-all-reduce in the values optimizer's pre-hook). The values-sync bytes are cross-checked against the finetuner's
-own `synced_bytes_last_step`. DDP (or FSDP's reduce-scatter, which moves the same volume per rank
+Bytes are counted at the collective: torch.distributed.all_reduce, all_gather, all_gather_into_tensor
+and all_gather_object are wrapped for the whole run (CollectiveCounter) and every call records its bytes,
+tagged with the phase of the step it ran in ("selection": the slot-count exchange inside
+update_trainable_indices -- a dense all_reduce of N int32 counts, or under count_exchange=auto/sparse an
+all_reduce(MAX) of one int64 width and an all_gather of every rank's (slot, count) pairs; "values_sync":
+the row all-reduce in the values optimizer's pre-hook). The values-sync bytes are cross-checked against the
+finetuner's own `synced_bytes_last_step`, the count exchange's against `count_bytes_last_step`. DDP (or FSDP's reduce-scatter, which moves the same volume per rank
 in a ring) would all-reduce the full N x d gradient: N·d·4 bytes.
 
 Timing: the same `smf` and `plain` steps as item 1 (each rank its half of the global batch), plus
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -31,18 +34,49 @@ from training.distributed import close
 
 
 class CollectiveCounter:
-    """Wraps torch.distributed.all_reduce; records (phase, bytes, dtype, shape) of every call."""
+    """Wraps the torch.distributed collectives that move tensors (all_reduce, all_gather,
+    all_gather_into_tensor, all_gather_object); records (op, phase, bytes, dtype, shape) of every call.
+
+    Bytes are those the call leaves on each rank: an all_reduce's tensor; an all_gather's whole output
+    (world x the input: what the finetuner's `count_bytes_last_step` counts for the sparse count exchange);
+    an all_gather_object's pickled object times the world size. Modules that call `dist.all_gather` (as
+    sparse_update/comm.py does) look the attribute up at call time, so they go through the wrapper."""
+
+    OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object")
 
     def __init__(self) -> None:
         self.calls: list[dict] = []
         self.phase: str | None = None
-        self._orig = dist.all_reduce
+        self._orig = {op: getattr(dist, op) for op in self.OPS if hasattr(dist, op)}
+        for op, fn in self._orig.items():
+            setattr(dist, op, self._wrap(op, fn))
 
-        def counting(tensor, *args, **kwargs):
-            self.calls.append({"phase": self.phase, "bytes": tensor.numel() * tensor.element_size(),
-                               "dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape)})
-            return self._orig(tensor, *args, **kwargs)
-        dist.all_reduce = counting
+    def _wrap(self, op: str, fn):
+        def counting(*args, **kwargs):
+            nbytes, dtype, shape = self.measure(op, args, kwargs)
+            self.calls.append({"op": op, "phase": self.phase, "bytes": nbytes, "dtype": dtype, "shape": shape})
+            return fn(*args, **kwargs)
+        return counting
+
+    @staticmethod
+    def measure(op: str, args: tuple, kwargs: dict) -> tuple[int, str | None, list]:
+        def size(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        def dtype(t: torch.Tensor) -> str:
+            return str(t.dtype).replace("torch.", "")
+        if op == "all_reduce":
+            t = args[0] if args else kwargs["tensor"]
+            return size(t), dtype(t), list(t.shape)
+        if op == "all_gather":
+            out = args[0] if args else kwargs["tensor_list"]
+            return sum(size(t) for t in out), dtype(out[0]), [len(out), *out[0].shape]
+        if op == "all_gather_into_tensor":
+            out = args[0] if args else kwargs["output_tensor"]
+            return size(out), dtype(out), list(out.shape)
+        out = args[0] if args else kwargs["object_list"]             # all_gather_object
+        obj = args[1] if len(args) > 1 else kwargs["obj"]
+        return len(pickle.dumps(obj)) * len(out), None, [len(out)]
 
     def set_phase(self, name: str | None) -> None:
         self.phase = name
@@ -54,7 +88,8 @@ class CollectiveCounter:
         return out
 
     def restore(self) -> None:
-        dist.all_reduce = self._orig
+        for op, fn in self._orig.items():
+            setattr(dist, op, fn)
 
 
 def slowest(xs: list[float]) -> list[float]:
@@ -91,6 +126,10 @@ def main() -> None:
     selection_bytes = per_phase.get("selection", 0)
     dense = values.numel() * values.element_size()
     reported = s.finetuner.synced_bytes_last_step
+    count_reported = s.finetuner.count_bytes_last_step
+    # the finetuner's count_bytes_last_step leaves out the one-element width all_reduce(MAX) of the sparse exchange
+    width_bytes = sum(c["bytes"] for c in step_calls
+                      if c["phase"] == "selection" and c["op"] == "all_reduce" and c["shape"] == [1])
     identical = _checksum_equal(values)   # before any plain step (those do not sync: ranks drift)
     accessed_global = s.selection_stats.get("accessed")
     with torch.no_grad():   # what a sparse exchange of counts would send: this rank's distinct slots
@@ -144,10 +183,13 @@ def main() -> None:
             "sync_bytes_ratio_incl_counts": dense / (ours + selection_bytes) if ours else None,
             # the count exchange (sparse_update count_exchange=auto) over the row sync, bytes per step
             "count_bytes_ratio": selection_bytes / ours if ours else None,
+            "count_bytes_reported": count_reported,
+            "count_counted_matches_reported": selection_bytes - width_bytes == count_reported,
+            "count_exchange_ops": sorted({c["op"] for c in step_calls if c["phase"] == "selection"}),
             "accessed_rows_global": accessed_global,
             "accessed_rows_rank0": accessed_local,
             "sparse_counts_bytes_estimate": 8 * accessed_local,
-            "collectives_per_step": [{k: c[k] for k in ("phase", "bytes", "dtype", "shape")} for c in step_calls],
+            "collectives_per_step": [{k: c[k] for k in ("op", "phase", "bytes", "dtype", "shape")} for c in step_calls],
             "smf_overhead_ratio": paired_ratio(times["smf"], times["plain"]),
             "smf_vs_union_sync_ratio": paired_ratio(times["smf"], times["union_sync"]),
             "union_sync_bytes": union_bytes.get("values_sync", 0),

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,6 +28,8 @@ from benchmarks.common import PROFILES, REPO, Profile, loadavg, machine_info, me
 # key -> (item, goal text, goal check or None, DESIGN.md §4 probe figure or None)
 FIGURES: dict[str, tuple] = {
     "smf_overhead_ratio": ("smf_overhead", "<= 1.05", lambda v: v <= 1.05, None),
+    "smf_overhead_ratio_stepper": ("smf_overhead_stepper", "<= 1.05", lambda v: v <= 1.05, None),
+    "trainer_vs_plain_loop_ratio": ("trainer_vs_plain_loop", ">= 0.9", lambda v: v >= 0.9, None),
     "smf_overhead_ratio_2rank": ("sync_traffic", "<= 1.05", lambda v: v <= 1.05, None),
     "smf_vs_union_sync_ratio_2rank": ("sync_traffic", None, None, None),
     "sparse_vs_dense_time_ratio": ("sparse_vs_dense", "<= 0.6", lambda v: v <= 0.6, "0.57 (0.84 / 1.48 s)"),
@@ -42,10 +45,10 @@ FIGURES: dict[str, tuple] = {
     "tokens_per_s_2rank": ("throughput", None, None, None),
     "cpu_parallel_capacity": ("throughput", None, None, None),
 }
-REQUIRED = ("smf_overhead_ratio", "sparse_vs_dense_time_ratio", "sparse_vs_dense_mem_ratio", "sync_bytes_ratio",
+REQUIRED = ("smf_overhead_ratio", "smf_overhead_ratio_stepper", "trainer_vs_plain_loop_ratio", "sparse_vs_dense_time_ratio", "sparse_vs_dense_mem_ratio", "sync_bytes_ratio",
             "pk_vs_bruteforce_speedup", "pk_matches_bruteforce", "memory_vs_ffn_time_ratio",
             "tokens_per_s_1rank", "tokens_per_s_2rank")
-ITEMS = ("smf_overhead", "sparse_vs_dense", "sync_traffic", "pk_lookup", "memory_vs_ffn", "throughput",
+ITEMS = ("smf_overhead", "smf_overhead_stepper", "trainer_vs_plain_loop", "sparse_vs_dense", "sync_traffic", "pk_lookup", "memory_vs_ffn", "throughput",
          "throughput_cuda")
 
 
@@ -54,6 +57,22 @@ def item_smf_overhead(p: Profile, figures: dict) -> dict:
     from benchmarks import smf_overhead
     r = smf_overhead.run(p)
     figures["smf_overhead_ratio"] = r["ratio"]
+    return r
+
+
+def item_smf_overhead_stepper(p: Profile, figures: dict) -> dict:
+    """The trainer's own Stepper.step (sparse finetune) vs a plain SGD hand loop; see stepper_bench.py."""
+    from benchmarks import stepper_bench
+    r = stepper_bench.run_finetune(p)
+    figures["smf_overhead_ratio_stepper"] = r["ratio"]
+    return r
+
+
+def item_trainer_vs_plain_loop(p: Profile, figures: dict) -> dict:
+    """The trainer's pretrain Stepper.step vs a minimal AdamW hand loop, tokens/s; see stepper_bench.py."""
+    from benchmarks import stepper_bench
+    r = stepper_bench.run_pretrain(p)
+    figures["trainer_vs_plain_loop_ratio"] = r["ratio"]
     return r
 
 
@@ -162,6 +181,19 @@ def item_throughput_cuda(p: Profile, figures: dict) -> dict:
 RUNNERS = {name: globals()[f"item_{name}"] for name in ITEMS}
 
 
+def git_commit() -> dict:
+    """The commit measured: short sha and whether the work tree differed from it (tracked files)."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+    sha = git("rev-parse", "--short", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": sha, "dirty": None if status is None else bool(status)}
+
+
 # ------------------------------------------------------------------------------------------ output
 def _fmt(v) -> str:
     if isinstance(v, bool) or v is None:
@@ -198,7 +230,8 @@ def table(results: dict) -> str:
 def markdown_table(results: dict) -> str:
     """The README table: figure, value, goal, inputs."""
     m = results["machine"]
-    out = [f"Measured with `python -m benchmarks.run --{results['profile']}` on {m['cpu_count']} CPU cores "
+    at = f" at commit {results['commit']}{' (dirty)' if results.get('dirty') else ''}" if results.get("commit") else ""
+    out = [f"Measured with `python -m benchmarks.run --{results['profile']}`{at} on {m['cpu_count']} CPU cores "
            f"({m.get('cpu_model') or 'unknown CPU'}), {m.get('mem_total_gb')} GB RAM, torch {m['torch_version']}, "
            f"torch threads per process: {m['torch_threads']}; load average {results.get('loadavg_start')} at start, "
            f"{results.get('loadavg_end')} at the end; {results.get('elapsed_s')} s in all.", "",
@@ -243,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown item {name!r}; choose from {', '.join(ITEMS)}")
 
     t_start = time.time()
-    results: dict = {"schema": 1, "profile": profile.name, "machine": machine_info(),
+    results: dict = {"schema": 1, "profile": profile.name, **git_commit(), "machine": machine_info(),
                      "loadavg_start": loadavg(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                      "profile_sizes": profile.to_dict(), "items": {}, "errors": {}}
     figures: dict = {}

@@ -2,11 +2,13 @@
 
 Two steps on one model and one values table, interleaved rep by rep on the same batches:
   smf   - forward, finetuner.update_trainable_indices (counts, TF-IDF, top-t), backward with the
-X
+          finetuner's masking hook, then the optimizer step whose pre-hook masks and syncs, and plain
           SGD on the t selected rows;
   plain - forward, backward, SGD on the same table with no selection (every accessed row moves).
 Ratio smf / plain, median of per-rep ratios of CPU time (one thread; see common.ratio_clock; the
 wall-clock ratio is kept as ratio_wall). The 2-rank version, where the sync really all-reduces, is in dist_worker.py.
+The step is benchmarks/finetune_step.smf_step, a re-implementation of the trainer's; item smf_overhead_stepper
+(stepper_bench.py) times the trainer's own Stepper.step against the same plain step, and this step beside it.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 FLOAT_KEYS = ("smf_overhead_ratio", "sparse_vs_dense_time_ratio", "sparse_vs_dense_mem_ratio", "sync_bytes_ratio",
-              "pk_vs_bruteforce_speedup", "memory_vs_ffn_time_ratio", "tokens_per_s_1rank", "tokens_per_s_2rank")
+              "pk_vs_bruteforce_speedup", "memory_vs_ffn_time_ratio", "tokens_per_s_1rank", "tokens_per_s_2rank",
+              "smf_overhead_ratio_stepper", "trainer_vs_plain_loop_ratio", "count_bytes_ratio")
 
 
 @pytest.mark.distributed
@@ -27,6 +28,7 @@ def test_runner_smoke_writes_every_figure(tmp_path):
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     results = json.loads(out.read_text())
     assert results["profile"] == "smoke" and results["errors"] == {}
+    assert isinstance(results["commit"], str) and len(results["commit"]) >= 7 and isinstance(results["dirty"], bool)
     for key in FLOAT_KEYS:
         value = results[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
@@ -36,13 +38,16 @@ def test_runner_smoke_writes_every_figure(tmp_path):
     assert isinstance(machine["cpu_count"], int) and isinstance(machine["torch_threads"], int)
     assert isinstance(machine["torch_version"], str)
     items = results["items"]
-    for name in ("smf_overhead", "sparse_vs_dense", "sync_traffic", "pk_lookup", "memory_vs_ffn", "throughput"):
+    for name in ("smf_overhead", "smf_overhead_stepper", "trainer_vs_plain_loop", "sparse_vs_dense", "sync_traffic",
+                 "pk_lookup", "memory_vs_ffn", "throughput"):
         assert "inputs" in items[name], name
     assert items["smf_overhead"]["inputs"]["N"] == 64 ** 2
     assert items["smf_overhead"]["step_s"]["smf"]["n"] == results["profile_sizes"]["reps"]
     # bytes counted at the collective agree with the finetuner's own account, and the ratio is exact
     sync = items["sync_traffic"]
     assert sync["counted_matches_reported"] is True
+    # the count exchange's all_gather is counted too (the finetuner's count_bytes_last_step, plus its 8-byte width)
+    assert sync["count_counted_matches_reported"] is True and sync["selection_bytes"] > 8
     n, d, t = sync["inputs"]["N"], sync["inputs"]["d"], sync["inputs"]["t"]
     assert sync["values_sync_bytes"] == (t * d + 1) * 4 and sync["dense_bytes"] == n * d * 4
     assert sync["values_checksum_equal_across_ranks_after_smf_step"] is True
