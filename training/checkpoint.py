@@ -110,22 +110,23 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def verify_checkpoint(ckpt: Path) -> None:
-    """Every file the manifest lists is there with its size; one-line ValueError naming the file otherwise."""
+def verify_checkpoint(ckpt: Path, remedy: str = "resume from an earlier checkpoint") -> None:
+    """Every file the manifest lists is there with its size; one-line ValueError naming the file and ending
+    with `remedy` (what to do) otherwise."""
     try:
         files = json.loads((ckpt / MANIFEST).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"checkpoint {ckpt} is incomplete: its manifest {ckpt / MANIFEST} is missing or unreadable "
                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); it was not finished "
-                         "(an interrupted save); resume from an earlier one") from None
+                         "(an interrupted save); " + remedy) from None
     for rel, size in files.items():
         path = ckpt / rel
         if not path.is_file():
             raise ValueError(f"checkpoint file {path} is missing (listed in {ckpt / MANIFEST}); "
-                             "this checkpoint is damaged; resume from an earlier one")
+                             f"this checkpoint is damaged; {remedy}")
         if path.stat().st_size != size:
             raise ValueError(f"checkpoint file {path} is truncated or corrupted ({path.stat().st_size} bytes, the "
-                             f"manifest says {size}); resume from an earlier checkpoint")
+                             f"manifest says {size}); {remedy}")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -22,17 +22,25 @@ from data_pipeline.atomic import atomic_write
 KNOWN_SETS = ("new_facts", "known_facts", "heldout_text", "nq", "hellaswag", "gsm8k")
 
 
+# what to do when the checkpoint to evaluate fails its manifest check
+_REMEDY = ("evaluate another checkpoint (--checkpoint RUN/checkpoints/step_N with a COMPLETE.json) or finish "
+           "the run that wrote this one")
+
+
 def locate(checkpoint: str | Path) -> tuple[Path, Path | None]:
-    """(checkpoint dir, run dir or None) for a run directory or a checkpoint directory."""
-    from training.checkpoint import list_checkpoints
+    """(checkpoint dir, run dir or None) for a run directory or a checkpoint directory, verified against the
+    checkpoint's manifest (COMPLETE.json: every file with its size), as the trainer verifies what it loads."""
+    from training.checkpoint import list_checkpoints, verify_checkpoint
 
     path = Path(checkpoint)
     if (path / "trainer.json").is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        verify_checkpoint(path, remedy=_REMEDY)
         return path, run_dir
     if path.is_dir():
         found = list_checkpoints(path)
         if found:
+            verify_checkpoint(found[-1], remedy=_REMEDY)
             return found[-1], path
         raise ValueError(f"--checkpoint {path}: no complete checkpoint in it (expected checkpoints/step_*/"
                          "trainer.json, or a checkpoint directory); has the run saved one yet?")

@@ -117,23 +117,44 @@ def test_truncated_and_pickled_checkpoints_are_refused_without_executing(tmp_pat
     assert meta.read_bytes() == pickle.dumps(Evil())          # nothing overwritten
 
 
-@pytest.mark.parametrize("module,dotted", [("torch.distributed.checkpoint.metadata", "os.system"),
-                                           ("torch.distributed.checkpoint.metadata", "torch.os.system"),
-                                           ("torch", "os.system")])
-def test_dotted_global_through_an_allowed_module_is_refused(tmp_path, base, module, dotted):
+DOTTED = [("torch.distributed.checkpoint.metadata", "os.system"),
+          ("torch.distributed.checkpoint.metadata", "torch.os.system"), ("torch", "os.system")]
+
+
+def checkpoint_contents(run_dir) -> dict:
+    """What a refused load must leave alone: every checkpoint file and the stage's results, by content."""
+    run_dir = Path(run_dir)
+    files = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and
+             (p.relative_to(run_dir).parts[0] == "checkpoints" or p.name in ("summary.json", "updated_rows.safetensors"))]
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.mark.parametrize("entry", ["init_from", "resume", "evaluate"])
+@pytest.mark.parametrize("module,dotted", DOTTED)
+def test_dotted_global_through_an_allowed_module_is_refused(tmp_path, base, module, dotted, entry):
     """The DCP metadata unpickler allows exact (module, name) pairs only; a dotted name naming os.system
-    through an allowed module must neither run nor load (it ran the command before this fix)."""
+    through an allowed module must neither run nor load (it ran the command before this fix), whichever way
+    the checkpoint is reached: `--init_from`, resuming the run that holds it, or `evaluate.py --checkpoint`."""
     evil = tmp_path / "evil"
     shutil.copytree(base, evil)
     meta = list_checkpoints(evil)[-1] / "sharded" / ".metadata"
     payload = dotted_global_pickle(module, dotted, f"touch {MARKER}")
     tamper(meta, payload)
+    before = checkpoint_contents(evil)
     if os.path.exists(MARKER):
         os.remove(MARKER)
-    msg = one_line_error(finetune(tmp_path / "ft", init_from=evil))
-    assert "refusing to load" in msg and dotted in msg
+    if entry == "init_from":
+        proc = finetune(tmp_path / "ft", init_from=evil)
+    elif entry == "resume":    # the same stage, asked for one step more: it resumes from the crafted checkpoint
+        proc = train("--config", "recipes/configs/tiny_pretrain.yaml", f"--output_dir={evil}", "--max_steps=2",
+                     *SMALL, nproc=1, check=False)
+    else:
+        proc = recipe("evaluate.py", "--checkpoint", evil)
+    msg = one_line_error(proc)
+    assert "refusing to load" in msg and dotted in msg and str(evil) in msg, msg
     assert not os.path.exists(MARKER)
     assert meta.read_bytes() == payload
+    assert checkpoint_contents(evil) == before
 
 
 def test_exact_allow_list_unit() -> None:
@@ -144,6 +165,23 @@ def test_exact_allow_list_unit() -> None:
         _MetadataUnpickler(io.BytesIO(payload)).load()
     from torch.distributed.checkpoint.metadata import Metadata
     assert isinstance(_MetadataUnpickler(io.BytesIO(pickle.dumps(Metadata(state_dict_metadata={})))).load(), Metadata)
+
+
+def test_zero_safe_torch_load_refuses_a_reduce_pickle_without_running_it(tmp_path) -> None:
+    """DeepSpeed's checkpoint files (torch.save pickles) go through zero._safe_torch_load: a `__reduce__`
+    payload, plain or as a dotted protocol-4 global, is refused and never runs; a plain tensor file loads."""
+    from training.parallel.zero import _safe_torch_load
+    plain, dotted, good = tmp_path / "reduce.pt", tmp_path / "dotted.pt", tmp_path / "good.pt"
+    plain.write_bytes(pickle.dumps(Evil()))
+    dotted.write_bytes(dotted_global_pickle("torch", "os.system", f"touch {MARKER}"))
+    torch.save({"w": torch.arange(3.0)}, good)
+    for path in (plain, dotted):
+        if os.path.exists(MARKER):
+            os.remove(MARKER)
+        with pytest.raises(pickle.UnpicklingError):
+            _safe_torch_load(str(path))
+        assert not os.path.exists(MARKER), path
+    assert torch.equal(_safe_torch_load(str(good))["w"], torch.arange(3.0))
 
 
 def test_existing_run_dir_of_another_config_is_not_touched(tmp_path, base):
@@ -302,3 +340,24 @@ def test_out_paths_that_cannot_be_written(tmp_path, base, tool, case):
     msg = one_error_line(recipe(tool, *args, "--out", out))
     assert "--out" in msg and str(out) in msg
     assert snapshot(base) == before and a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("case", ["no_manifest", "wrong_size", "wrong_size_via_run_dir"])
+def test_evaluate_refuses_a_checkpoint_that_fails_its_manifest(tmp_path, base, case):
+    """evaluate.py --checkpoint verifies COMPLETE.json like the trainer (before: an unfinished checkpoint, or
+    one whose shard had another size than its manifest says, was evaluated and eval.json written into it)."""
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    ckpt = list_checkpoints(run)[-1]
+    if case == "no_manifest":
+        named, target = ckpt / "COMPLETE.json", ckpt
+        named.unlink()
+    else:
+        named = ckpt / "sharded" / "__0_0.distcp"
+        with open(named, "ab") as f:       # DCP reads by offset: only the manifest notices the extra bytes
+            f.write(b"\0" * 8)
+        target = ckpt if case == "wrong_size" else run
+    before = snapshot(run)
+    msg = one_error_line(recipe("evaluate.py", "--checkpoint", target))
+    assert str(named) in msg and "evaluate another checkpoint" in msg, msg
+    assert snapshot(run) == before and not (ckpt / "eval.json").exists()

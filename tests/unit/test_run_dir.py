@@ -55,6 +55,22 @@ def test_rerun_of_a_completed_stage_leaves_it_exactly_as_it_was(done):
     assert snapshot(done) == before
 
 
+def test_rerun_of_a_completed_finetune_leaves_its_results_byte_identical(done, tmp_path):
+    """The finetune case of the test above: re-running the same finetune into its finished run directory
+    used to resume and rewrite summary.json (its updated rows 1014 -> 0) and updated_rows.safetensors."""
+    ft = tmp_path / "ft"
+    args = ("--config", "recipes/configs/tiny_fact_learning.yaml", f"--output_dir={ft}", f"--init_from={done}",
+            "--method=tf_only", "--max_steps=2", "--eval.sets=[]", *SMALL)
+    train(*args, nproc=1)
+    results = {name: (ft / name).read_bytes() for name in ("summary.json", "updated_rows.safetensors")}
+    assert summary(ft)["diagnostics"]["memory/updated_rows"] > 0
+    before = snapshot(ft)
+    proc = train(*args, nproc=1)
+    assert proc.stdout.strip().splitlines() == [f"stage already complete in {ft}"], proc.stdout
+    assert {name: (ft / name).read_bytes() for name in results} == results
+    assert snapshot(ft) == before
+
+
 def test_a_longer_request_continues_and_metrics_hold_one_value_per_step(done, tmp_path):
     run = tmp_path / "longer"
     shutil.copytree(done, run)
