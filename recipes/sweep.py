@@ -16,6 +16,8 @@ summary.json is finished and skipped; an unfinished one resumes from its latest 
 config is validated before anything runs. Presets are recipes/configs/sweeps/NAME.yaml (the paper's
 grids, DESIGN.md 2, and a tiny CPU one). `--slurm` writes OUT/sweep_points.tsv and submits
 slurm/sweep_array.sh as one array (a task per unfinished point) instead of running locally.
+With `--slurm` and a `--dependency` in --sbatch_args, --init_from may name a run that the awaited job
+has yet to write (slurm/pipeline.sh submits the array after the background job that way).
 `--plot FILE.png` runs recipes/plot_pareto.py on the finished points afterwards.
 """
 from __future__ import annotations
@@ -185,6 +187,11 @@ def existing(path: str, what: str) -> Path:
     raise UsageError(f"{what} {path} does not exist")
 
 
+def _waits_on_a_job(sbatch_args: str) -> bool:
+    """Whether --sbatch_args hold a --dependency (or -d): then --init_from may be written by that job."""
+    return any(w.startswith(("--dependency", "-d")) for w in sbatch_args.split())
+
+
 def train_args(point: Point, *, base_config: Path, init_from: str | None, extra: dict[str, str]) -> list[str]:
     args = ["--config", str(base_config), f"--output_dir={point.run_dir}"]
     args += [f"--{k}={format_value(v)}" for k, v in point.overrides.items()]
@@ -345,7 +352,15 @@ def _main(args: argparse.Namespace, extra: dict[str, str]) -> int:
     for key in ("config", "output_dir", "init_from"):
         if key in extra:
             raise UsageError(f"--{key} is set by the sweep; use --base-config / --out / --init_from")
-    init_from = str(existing(args.init_from, "--init_from")) if args.init_from else None
+    init_from = None
+    if args.init_from:
+        if args.slurm and _waits_on_a_job(args.sbatch_args) and not Path(args.init_from).exists():
+            # the array runs after the job that writes it (slurm/pipeline.sh: afterok of the background job)
+            init_from = str(Path(args.init_from).resolve())
+            print(f"sweep: --init_from {init_from} does not exist yet; the array waits on its --dependency",
+                  flush=True)
+        else:
+            init_from = str(existing(args.init_from, "--init_from"))
     from training.paths import output_path_problem
     problem = output_path_problem(args.out, want_dir=True)
     if problem is not None:

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Background statistics: run the background batches through a base model and store the slot document frequencies (pass --init_from=DIR in OVERRIDES).
-#   sbatch slurm/collect_background.sh   # defaults below, run dir runs/collect_background-JOBID
+# Background statistics: run the background batches through a base model and store the slot document frequencies.
+#   sbatch slurm/collect_background.sh   # defaults below: from runs/base, run dir runs/background
 #   CONFIG=... OUTPUT_DIR=... OVERRIDES="--key=value ..." sbatch --nodes=2 slurm/collect_background.sh
 # Settings and the preemption protocol: slurm/common.sh. CPU mode (no GPUs):
 #   DEVICE=cpu NPROC_PER_NODE=2 sbatch --gres=none --cpus-per-task=2 slurm/collect_background.sh

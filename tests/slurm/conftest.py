@@ -33,8 +33,9 @@ class Cluster:
     dir: Path
     startup_s: float
 
-    def run(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), env=env or self.env, cwd=REPO, check=check, text=True,
+    def run(self, *args: str, check: bool = True, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(list(args), env=env or self.env, cwd=cwd or REPO, check=check, text=True,
                               capture_output=True, timeout=60)
 
     def job(self, job_id: str) -> dict[str, str]:

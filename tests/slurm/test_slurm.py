@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.launch import SMALL
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 
@@ -151,9 +155,70 @@ def test_preemption_signal_requeues_and_resumes(slurm_cluster, base_run, tmp_pat
     assert train_steps(metrics) == list(range(1, steps_total + 1)), train_steps(metrics)
 
 
+def _sbatch_opts(logs: Path) -> list[str]:
+    # sbatch options override the scripts' #SBATCH GPU defaults: no GPUs here
+    return ["--gres=none", f"--cpus-per-task={min(2, os.cpu_count() or 1)}", "--time=10", f"--output={logs}/%x-%j.out"]
+
+
+def _copy_checkout(dest: Path) -> Path:
+    """The repository's files (tracked and untracked, not ignored: no .venv, data/ or runs/) as a user's checkout."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+@pytest.mark.timeout(900)
+def test_pipeline_of_bare_scripts_uses_their_default_run_directories(slurm_cluster, tmp_path):
+    """`sbatch slurm/pretrain.sh`, then collect_background.sh, then fact_learning.sh, typed in a checkout with
+    no OUTPUT_DIR or INIT_FROM: runs/base -> runs/background (from runs/base) -> runs/fact_learning-JOBID
+    (from runs/background), all under the submit directory. Only the tiny configs and small overrides are
+    set; each job waits on the previous one (afterok), as a user would wait for it."""
+    checkout = _copy_checkout(tmp_path / "checkout")
+    logs = tmp_path / "slurm-logs"
+    logs.mkdir()
+    small = " ".join(SMALL)
+    stages = [("pretrain.sh", "tiny_pretrain.yaml", f"--max_steps=2 {small}"),
+              ("collect_background.sh", "tiny_background.yaml", f"--sparse.background_batches=2 {small}"),
+              ("fact_learning.sh", "tiny_fact_learning.yaml", f"--max_steps=2 {FINETUNE}")]
+    jobs: list[str] = []
+    for script, config, overrides in stages:
+        env = dict(slurm_cluster.env, DEVICE="cpu", NPROC_PER_NODE="2", CONFIG=f"recipes/configs/{config}",
+                   OVERRIDES=overrides)
+        for key in ("OUTPUT_DIR", "INIT_FROM", "RUNS", "REPO_DIR"):
+            env.pop(key, None)
+        dep = [f"--dependency=afterok:{jobs[-1]}"] if jobs else []
+        res = slurm_cluster.run("sbatch", "--parsable", *dep, *_sbatch_opts(logs), f"slurm/{script}", env=env,
+                                cwd=checkout, check=False)
+        assert res.returncode == 0, f"sbatch slurm/{script} failed: {res.stderr}"
+        jobs.append(res.stdout.strip().split(";")[0])
+    runs = checkout / "runs"
+    t0 = time.monotonic()
+    for job, out in zip(jobs, (runs / "base", runs / "background", runs / f"fact_learning-{jobs[2]}")):
+        wait_done(slurm_cluster, job, out, 400)
+    print(f"\nbare pretrain -> background -> fact_learning: {time.monotonic() - t0:.1f}s")
+    assert json.loads((runs / "base" / "summary.json").read_text())["stage"] == "pretrain"
+    assert json.loads((runs / "background" / "summary.json").read_text())["stage"] == "background"
+    fact = json.loads((runs / f"fact_learning-{jobs[2]}" / "summary.json").read_text())
+    assert fact["stage"] == "finetune" and fact["steps"] == 2
+    assert sorted(p.name for p in runs.iterdir()) == ["background", "base", f"fact_learning-{jobs[2]}"]
+    # the scripts found the checkout (not this repository) and chained through its runs/
+    base_log = job_log(runs / "base", jobs[0])
+    assert f"config:     {checkout / 'recipes/configs/tiny_pretrain.yaml'}" in base_log, base_log[-2000:]
+    assert f"output_dir: {runs / 'base'}" in base_log and "--init_from" not in base_log
+    assert f"--init_from={runs / 'base'}" in job_log(runs / "background", jobs[1])
+    assert f"--init_from={runs / 'background'}" in job_log(runs / f"fact_learning-{jobs[2]}", jobs[2])
+
+
+@pytest.mark.timeout(1200)
 def test_pipeline_chains_the_stages(slurm_cluster, tmp_path):
-    """slurm/pipeline.sh submits pretrain -> background -> fact learning with afterok dependencies; the bare
-    scripts' default run directories chain (RUNS/base -> RUNS/background -> RUNS/fact_learning)."""
+    """slurm/pipeline.sh submits pretrain -> background -> fact learning with afterok dependencies, and with
+    SWEEP_PRESET the tiny preset's job array after the background (afterok); every job finishes and the
+    chain's run directories are RUNS/base -> RUNS/background -> RUNS/fact_learning and RUNS/sweep/POINT."""
     runs = tmp_path / "runs"
     logs = tmp_path / "slurm-logs"
     logs.mkdir()
@@ -162,20 +227,35 @@ def test_pipeline_chains_the_stages(slurm_cluster, tmp_path):
                CONFIG_PRETRAIN="recipes/configs/tiny_pretrain.yaml", OVERRIDES_PRETRAIN=f"--max_steps=2 {small}",
                CONFIG_BACKGROUND="recipes/configs/tiny_background.yaml",
                OVERRIDES_BACKGROUND=f"--sparse.background_batches=2 {small}",
-               CONFIG_FACT="recipes/configs/tiny_fact_learning.yaml", OVERRIDES_FACT=f"--max_steps=2 {FINETUNE}")
-    res = slurm_cluster.run("bash", "slurm/pipeline.sh", "--gres=none",
-                            f"--cpus-per-task={min(2, os.cpu_count() or 1)}", "--time=10",
-                            f"--output={logs}/%x-%j.out", env=env, check=False)
+               CONFIG_FACT="recipes/configs/tiny_fact_learning.yaml", OVERRIDES_FACT=f"--max_steps=2 {FINETUNE}",
+               SWEEP_PRESET="tiny_fact_learning", OVERRIDES_SWEEP=f"--max_steps=2 {FINETUNE}")
+    res = slurm_cluster.run("bash", "slurm/pipeline.sh", *_sbatch_opts(logs), env=env, check=False)
     assert res.returncode == 0, res.stderr
     jobs = res.stdout.split()
-    assert len(jobs) == 3 and all(j.isdigit() for j in jobs), res.stdout
-    assert f"afterok:{jobs[0]}" in slurm_cluster.job(jobs[1]).get("Dependency", "") or \
-        finished(slurm_cluster.job(jobs[0])), slurm_cluster.job(jobs[1])
+    assert len(jobs) == 4 and all(j.isdigit() for j in jobs), res.stdout + res.stderr
+    pre, bg, fact, sweep = jobs
+    assert f"afterok:{pre}" in slurm_cluster.job(bg).get("Dependency", "") or \
+        finished(slurm_cluster.job(pre)), slurm_cluster.job(bg)
+    # the array waits on the background job (afterok), not on the fact-learning job
+    assert f"afterok:{bg}" in slurm_cluster.job(sweep).get("Dependency", "") or \
+        finished(slurm_cluster.job(bg)), slurm_cluster.job(sweep)
+    points = [line.split("\t")[0] for line in (runs / "sweep" / "sweep_points.tsv").read_text().splitlines()]
+    assert points == ["sparse_lr30_t1000", "sparse_lr300_t1000", "full_lr0.0001", "lora_lr0.001_rank32"], points
+    t0 = time.monotonic()
     for job, name in zip(jobs, ("base", "background", "fact_learning")):
         wait_done(slurm_cluster, job, runs / name, 400)
     assert json.loads((runs / "base" / "summary.json").read_text())["stage"] == "pretrain"
     assert json.loads((runs / "background" / "summary.json").read_text())["stage"] == "background"
-    fact = json.loads((runs / "fact_learning" / "summary.json").read_text())
-    assert fact["stage"] == "finetune" and fact["steps"] == 2
-    assert f"--init_from={runs / 'base'}" in job_log(runs / "background", jobs[1])
-    assert f"--init_from={runs / 'background'}" in job_log(runs / "fact_learning", jobs[2])
+    fact_summary = json.loads((runs / "fact_learning" / "summary.json").read_text())
+    assert fact_summary["stage"] == "finetune" and fact_summary["steps"] == 2
+    assert f"--init_from={runs / 'base'}" in job_log(runs / "background", bg)
+    assert f"--init_from={runs / 'background'}" in job_log(runs / "fact_learning", fact)
+    bg_end = slurm_cluster.job(bg)["EndTime"]
+    for i, name in enumerate(points):
+        info = wait_done(slurm_cluster, f"{sweep}_{i}", runs / "sweep" / name, 400)
+        assert info["StartTime"] >= bg_end, (info["StartTime"], bg_end)     # ISO times: afterok held it
+        summary = json.loads((runs / "sweep" / name / "summary.json").read_text())
+        assert summary["stage"] == "finetune" and summary["steps"] == 2, summary
+        log = "".join(p.read_text(errors="replace") for p in (runs / "sweep" / name).glob("slurm-*.log"))
+        assert f"--init_from={runs / 'background'}" in log, log[-2000:]
+    print(f"\npipeline with a 4-point sweep: {time.monotonic() - t0:.1f}s after submission")

@@ -212,3 +212,20 @@ def test_plot_of_finished_points(capsys, tmp_path, init_run, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = png.with_suffix(".md").read_text()
     assert "| optim.lr |" in table and len(table.splitlines()) == 2 + 3     # the finished points only
+
+
+def test_slurm_array_may_start_from_the_run_its_dependency_writes(capsys, tmp_path, monkeypatch):
+    """slurm/pipeline.sh submits the sweep before the background run exists, after it with afterok."""
+    record = tmp_path / "sbatch.txt"
+    bindir = _fake_bin(tmp_path, "sbatch", f'printf "%s\\n" "$@" > {record}\necho "Submitted batch job 7"\n')
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    later = tmp_path / "runs" / "background"          # not written yet
+    args = ["--grid", "method=sparse lr=2 t=100", "--base-config", BASE, "--init_from", later,
+            "--out", tmp_path / "sweep", "--slurm"]
+    rc, _, err = run_sweep(capsys, *args)              # no dependency: a missing run is an error
+    assert rc == 2 and "does not exist" in err, err
+    rc, out, _ = run_sweep(capsys, *args, "--sbatch_args=--dependency=afterok:5 --gres=none")
+    assert rc == 0 and "does not exist yet" in out and "Submitted batch job 7" in out, out
+    assert record.read_text().splitlines()[:3] == ["--array=0-0", "--dependency=afterok:5", "--gres=none"]
+    line = (tmp_path / "sweep" / "sweep_points.tsv").read_text()
+    assert f"--init_from={later}" in line.split("\t")[2].split()
