@@ -22,10 +22,27 @@ Accepted inputs per ``kind`` (``path`` may be a str or Path):
 
 Every jsonl/json/csv/parquet file may be gzip-compressed (``.gz``). Bad input raises
 :class:`DataError` (a ``ValueError``) with a one-line message naming the file (and line, for line
-formats) and what was expected. Nothing here touches the network or the HF cache: ``save_to_disk``
-folders are read with ``datasets.load_from_disk(keep_in_memory=True)`` under ``HF_DATASETS_OFFLINE=1``;
-line formats are parsed directly (faster than ``datasets.load_dataset("json")`` and it gives line
-numbers in errors).
+formats) and what was expected. Nothing here touches the network or the HF cache (``HF_DATASETS_OFFLINE=1``,
+streaming reads, ``keep_in_memory``).
+
+Which reader reads what, and why:
+
+- ``.jsonl`` and ``.parquet`` evaluation sets (triviaqa, nq_open, hellaswag, gsm8k) are read with
+  ``datasets.load_dataset("json" | "parquet", data_files=path, streaming=True)``; ``save_to_disk``
+  folders with ``datasets.load_from_disk``. ``datasets`` reports no line numbers and its Arrow schema
+  spans the whole file: it raises on a column that is a string in one row and a list in another (NQ's
+  ``answer`` may be either) and promotes a column mixing ints and floats to floats. So when it fails, or
+  a row it gave does not pass the field checks, the file is read again line by line with ``json``
+  (:func:`iter_rows`): that reader accepts what the library's schema cannot hold and names ``file:line``
+  in the error. Records are identical either way (tested on every sample and on such files).
+- ``.csv`` (SimpleQA) stays on the stdlib ``csv`` module: ``load_dataset("csv")`` is pandas, which turns
+  the answer ``1987`` into ``1987.0`` and ``NA`` into null unless every column is typed, fills a row with
+  a missing column with ``""`` instead of failing, and knows no line numbers for a bad ``metadata``
+  cell; typing the columns and a line-numbered validation pass would be this reader again.
+- ``dclm``/``text`` streams by hand so that a record without an ``id`` is named ``<file name>:<line>``;
+  training streams pretraining text through ``datasets`` instead (``data.streaming``,
+  :mod:`data_pipeline.hf_stream`).
+- A raw ``.json`` document (TriviaQA ``{"Data": [...]}``) is one ``json.load``.
 """
 
 from __future__ import annotations
@@ -35,7 +52,9 @@ import csv
 import gzip
 import io
 import json
+import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -170,6 +189,42 @@ def iter_rows(path: str | os.PathLike, *, expected: str = "records") -> Iterator
         raise DataError(path, f"unsupported file type {''.join(path.suffixes) or '(none)'}; expected .jsonl, .json, .parquet or a save_to_disk folder with {expected}")
 
 
+class _LibraryCannot(Exception):
+    """``datasets`` could not read the file (or gave a row the field checks reject): read it line by line."""
+
+
+def _library_rows(path: str | os.PathLike, *, expected: str = "records") -> Iterator[tuple[str, dict]]:
+    """Like :func:`iter_rows`, with ``.jsonl`` and ``.parquet`` files read by ``datasets.load_dataset``.
+
+    Raises :class:`_LibraryCannot` where the library fails; locations are ``"file row i"`` (no lines).
+    """
+    path = Path(path)
+    _check_file(path, expected)
+    builder = {".jsonl": "json", ".parquet": "parquet"}.get(_base_suffix(path)) if path.is_file() else None
+    if builder is None:
+        yield from iter_rows(path, expected=expected)
+        return
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    # the builder logs its failures; here a failure only means "read it line by line"
+    builder_log = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}")
+    level = builder_log.level
+    builder_log.setLevel(logging.CRITICAL)
+    try:  # streaming: no Arrow copy of the file; the builder's lock files go to a throwaway cache_dir
+        with tempfile.TemporaryDirectory(prefix="smf-datasets-") as cache:
+            rows = list(datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True,
+                                              cache_dir=cache))
+    except Exception as e:
+        raise _LibraryCannot(f"{type(e).__name__}: {e}") from None
+    finally:
+        builder_log.setLevel(level)
+    if not rows:
+        raise _LibraryCannot("no rows")
+    for i, obj in enumerate(rows):
+        yield f"{path} row {i}", obj
+
+
 def _load_json(path: Path, expected: str) -> Any:
     try:
         with _open_text(path) as f:
@@ -241,7 +296,7 @@ def _triviaqa_row(row: dict, where: str) -> QARecord:
     return QARecord(id=qid, question=q.strip(), answers=answers)
 
 
-def _load_triviaqa(path: Path) -> list[QARecord]:
+def _load_triviaqa(path: Path, rows: Callable[..., Iterator[tuple[str, dict]]] = iter_rows) -> list[QARecord]:
     if _base_suffix(path) == ".json":  # raw format is one JSON document {"Data": [...]}
         _check_file(path, "a TriviaQA JSON file")
         data = _load_json(path, 'a TriviaQA JSON object {"Data": [...]}')
@@ -253,7 +308,7 @@ def _load_triviaqa(path: Path) -> list[QARecord]:
         if isinstance(data, list):  # a JSON list of HF-schema rows
             return [_triviaqa_row(_as_dict(r, f"{path} row {i}"), f"{path} row {i}") for i, r in enumerate(data)]
         raise DataError(path, f'expected the raw TriviaQA format {{"Data": [...]}} or a list of rows, got {type(data).__name__}')
-    return [_triviaqa_row(row, where) for where, row in iter_rows(path, expected=_TQA_EXPECTED)]
+    return [_triviaqa_row(row, where) for where, row in rows(path, expected=_TQA_EXPECTED)]
 
 
 def _as_dict(obj: Any, where: str) -> dict:
@@ -262,10 +317,10 @@ def _as_dict(obj: Any, where: str) -> dict:
     return obj
 
 
-def _load_nq_open(path: Path) -> list[QARecord]:
+def _load_nq_open(path: Path, rows: Callable[..., Iterator[tuple[str, dict]]] = iter_rows) -> list[QARecord]:
     expected = 'NQ-open fields {"question": str, "answer": [str, ...]}'
     out = []
-    for i, (where, row) in enumerate(iter_rows(path, expected=expected)):
+    for i, (where, row) in enumerate(rows(path, expected=expected)):
         q = _field(row, "question", where, str, expected)
         ans = _field(row, "answer", where, (list, tuple, str), expected)
         answers = dedupe([a.strip() for a in ([ans] if isinstance(ans, str) else _str_list(ans, "answer", where))])
@@ -275,10 +330,10 @@ def _load_nq_open(path: Path) -> list[QARecord]:
     return out
 
 
-def _load_hellaswag(path: Path) -> list[HellaSwagRecord]:
+def _load_hellaswag(path: Path, rows: Callable[..., Iterator[tuple[str, dict]]] = iter_rows) -> list[HellaSwagRecord]:
     expected = 'HellaSwag fields {"ctx": str, "endings": [4 str], "label": int or str}'
     out = []
-    for i, (where, row) in enumerate(iter_rows(path, expected=expected)):
+    for i, (where, row) in enumerate(rows(path, expected=expected)):
         ctx = _field(row, "ctx", where, str, expected)
         if all(isinstance(row.get(k), str) for k in ("activity_label", "ctx_a", "ctx_b")):
             # lm-eval-harness's prompt: "{activity_label}: {ctx_a} {ctx_b.capitalize()}"
@@ -295,13 +350,16 @@ def _load_hellaswag(path: Path) -> list[HellaSwagRecord]:
     return out
 
 
-def _load_gsm8k(path: Path) -> list[GSM8KRecord]:
+def _load_gsm8k(path: Path, rows: Callable[..., Iterator[tuple[str, dict]]] = iter_rows) -> list[GSM8KRecord]:
     expected = 'GSM8K fields {"question": str, "answer": str} (or the oe-eval requests file with doc.question/doc.answer)'
     out, seen = [], set()
-    for i, (where, row) in enumerate(iter_rows(path, expected=expected)):
+    for i, (where, row) in enumerate(rows(path, expected=expected)):
         if "doc" in row:  # oe-eval requests file: one request per problem, problem under "doc"
             doc = _as_dict(row["doc"], where)
-            rid = f"gsm8k-{doc.get('id', i)}"
+            doc_id = doc.get("id")   # null or absent: the row (datasets fills an absent key with null)
+            if isinstance(doc_id, float) and doc_id.is_integer():
+                doc_id = int(doc_id)     # datasets makes an id column floats if one id is a float
+            rid = f"gsm8k-{i if doc_id is None else doc_id}"
             if rid in seen:
                 continue
             seen.add(rid)
@@ -376,6 +434,7 @@ _LOADERS: dict[str, Callable[[Path], Any]] = {
     "text": _load_dclm,
 }
 SOURCE_KINDS = tuple(_LOADERS)
+_VIA_DATASETS = ("triviaqa", "nq_open", "hellaswag", "gsm8k")   # .jsonl / .parquet through datasets.load_dataset
 
 
 def load_source(kind: str, path: str | os.PathLike) -> Any:
@@ -386,7 +445,16 @@ def load_source(kind: str, path: str | os.PathLike) -> Any:
     """
     if kind not in _LOADERS:
         raise DataError(path, f"unknown source kind {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
-    records = _LOADERS[kind](Path(path))
+    path = Path(path)
+    loader = _LOADERS[kind]
+    records = None
+    if kind in _VIA_DATASETS:
+        try:
+            records = loader(path, _library_rows)
+        except (_LibraryCannot, DataError):
+            records = None  # the line reader below gives the same records, or names file:line in the error
+    if records is None:
+        records = loader(path)
     if isinstance(records, list) and not records:
         raise DataError(path, f"no records found; expected a non-empty {kind} file")
     return records

@@ -227,3 +227,51 @@ def test_unsupported_extension(tmp_path: Path) -> None:
     p = tmp_path / "x.txt"
     p.write_text("hello")
     assert "unsupported file type" in _error("nq_open", p)
+
+
+# ------------------------------------------------------------------- datasets.load_dataset, line reader
+@pytest.mark.parametrize(
+    "kind, name",
+    [("triviaqa", "triviaqa_validation_sample.jsonl"), ("triviaqa", "triviaqa_validation_sample.parquet"),
+     ("nq_open", "nq_open_validation_sample.jsonl"), ("hellaswag", "hellaswag_val_sample.jsonl"),
+     ("hellaswag", "hellaswag_hf_sample.jsonl"), ("gsm8k", "gsm8k_test_sample.jsonl"),
+     ("gsm8k", "gsm8k_requests_sample.jsonl.gz")],
+)
+def test_eval_sets_are_read_by_datasets_as_the_line_reader_reads_them(kind: str, name: str, monkeypatch) -> None:
+    """jsonl/parquet evaluation sets go through datasets.load_dataset; the records are the line reader's."""
+    import datasets
+
+    from data_pipeline import sources
+
+    calls = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    via_library = sources._LOADERS[kind](S / name, sources._library_rows)    # raises if the library fails
+    assert [a[0] for a, _ in calls] == ["parquet" if name.endswith(".parquet") else "json"]
+    assert calls[0][1]["streaming"] and calls[0][1]["data_files"] == str(S / name)
+    assert via_library == sources._LOADERS[kind](S / name) == load_source(kind, S / name)
+
+
+def test_rows_the_library_schema_cannot_hold_are_read_line_by_line(tmp_path: Path, capfd) -> None:
+    """A string answer next to a list answer (NQ allows both) fails datasets' one Arrow schema per file;
+    the line reader reads it, and a bad row is still named file:line."""
+    from data_pipeline import sources
+
+    p = tmp_path / "nq.jsonl"
+    p.write_text('{"question": "q1", "answer": ["a", "b"]}\n\n{"question": "q2", "answer": "c"}\n')
+    with pytest.raises(sources._LibraryCannot):
+        list(sources._library_rows(p))
+    assert load_source("nq_open", p) == [QARecord("nq_open-0", "q1", ["a", "b"]), QARecord("nq_open-1", "q2", ["c"])]
+    assert capfd.readouterr().err == ""     # the library's failure is not reported: it is not the user's
+    # datasets promotes a column of ints and floats to floats: the float label is still an error at its line
+    h = tmp_path / "h.jsonl"
+    h.write_text(json.dumps({"ctx": "c", "endings": ["a", "b"], "label": 1}) + "\n"
+                 + json.dumps({"ctx": "c", "endings": ["a", "b"], "label": 1.5}) + "\n")
+    msg = _error("hellaswag", h)
+    assert f"{h}:2" in msg and "'label'" in msg
+    # an absent oe-eval doc id is the row, whichever reader filled it in
+    g = tmp_path / "requests.jsonl"
+    g.write_text(json.dumps({"doc": {"id": 7, "question": "q", "answer": "a"}}) + "\n"
+                 + json.dumps({"doc": {"question": "q2", "answer": "b"}}) + "\n")
+    assert [r.id for r in load_source("gsm8k", g)] == ["gsm8k-7", "gsm8k-1"]
+    assert sources._LOADERS["gsm8k"](g) == sources._LOADERS["gsm8k"](g, sources._library_rows)
