@@ -118,6 +118,15 @@ def _stage_complete(config, run_dir: Path) -> bool:
     return done >= wanted
 
 
+def _record_start(config, run_dir: Path) -> None:
+    """config.yaml of this command; a PREEMPTED marker of an earlier attempt is consumed. On a resume this
+    waits until the checkpoint has loaded, so a refused resume (corrupted or crafted checkpoint) leaves the
+    run directory as it was."""
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"fingerprint": config.fingerprint(), **config.to_dict()},
+                                                        sort_keys=False))
+    (run_dir / "PREEMPTED").unlink(missing_ok=True)
+
+
 def prepare_run_dir(config, dist_info) -> Path | None:
     """Create and lock the run dir; refuse one whose checkpoints/summary come from a different config (never
     mix runs). None when this stage is already complete there: the directory is left exactly as it was."""
@@ -140,9 +149,8 @@ def prepare_run_dir(config, dist_info) -> Path | None:
             else:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                (run_dir / "config.yaml").write_text(yaml.safe_dump({"fingerprint": config.fingerprint(),
-                                                                     **config.to_dict()}, sort_keys=False))
-                (run_dir / "PREEMPTED").unlink(missing_ok=True)
+                if not C.list_checkpoints(run_dir):     # a resume records itself once its checkpoint loaded
+                    _record_start(config, run_dir)
         except ValueError as err:
             outcome = err
     shared = D.broadcast_object(outcome if not isinstance(outcome, ValueError) else "error")
@@ -207,6 +215,8 @@ def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest
         stream=parts.stream, log=log, lora_names=parts.lora_names)
     if message:
         _print(dist_info, message)
+    if resumed_state is not None and dist_info.is_main:
+        _record_start(config, run_dir)
     _load_background_options(config, parts, resumed=resumed_state is not None)
     if config.stage == "background":
         return _background(config, dist_info, run_dir, log, stop, parts.strategy.module, parts.strategy,

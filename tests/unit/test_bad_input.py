@@ -122,10 +122,12 @@ DOTTED = [("torch.distributed.checkpoint.metadata", "os.system"),
 
 
 def checkpoint_contents(run_dir) -> dict:
-    """What a refused load must leave alone: every checkpoint file and the stage's results, by content."""
+    """What a refused load must leave alone: every checkpoint file, the stage's results and its recorded
+    config, by content (run.lock only holds the pid of whoever holds the lock)."""
     run_dir = Path(run_dir)
+    kept = ("summary.json", "updated_rows.safetensors", "config.yaml", "PREEMPTED")
     files = [p for p in sorted(run_dir.rglob("*")) if p.is_file() and
-             (p.relative_to(run_dir).parts[0] == "checkpoints" or p.name in ("summary.json", "updated_rows.safetensors"))]
+             (p.relative_to(run_dir).parts[0] == "checkpoints" or p.name in kept)]
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
