@@ -80,6 +80,10 @@ class SparseMemoryFinetuner(ReferenceFinetunerAPI):
         sparse; 0 single-process). See SparseMemoryFinetuningArgs.count_exchange."""
         self._param_hook: RemovableHandle | None = None
         self._post_hook: RemovableHandle | None = None
+        self._grad_accumulator: Any = None   # values' AccumulateGrad node (set when enabled)
+        self._mask_after_accumulate: Tensor | None = None
+        """Rows to keep, set by the tensor hook when it left a dense gradient for the post-accumulate hook
+        to mask in place (see _on_backward)."""
         if args.enabled:
             # A weak reference: the parameter must not keep a dropped finetuner (and its state) alive.
             ref = weakref.ref(self)
@@ -88,15 +92,18 @@ class SparseMemoryFinetuner(ReferenceFinetunerAPI):
                 finetuner = ref()
                 return None if finetuner is None else finetuner._on_backward(grad)
 
-            self._param_hook = values.register_hook(_grad_hook)
-            if args.dense_output:
-                # A tensor hook may not change the layout, so a sparse gradient is densified once it has
-                # been accumulated into .grad (AdamW then works even without attach()).
-                def _densify(param: Tensor) -> None:
-                    if ref() is not None and param.grad is not None and param.grad.is_sparse:
-                        param.grad = param.grad.to_dense()
+            def _after_accumulate(param: Tensor) -> None:
+                finetuner = ref()
+                if finetuner is not None:
+                    finetuner._on_accumulated(param)
 
-                self._post_hook = values.register_post_accumulate_grad_hook(_densify)
+            self._param_hook = values.register_hook(_grad_hook)
+            with torch.enable_grad():   # values' AccumulateGrad node (the tensor keeps it while it lives)
+                self._grad_accumulator = values.view_as(values).grad_fn.next_functions[0][0]
+            # Where .grad may be modified: the in-place mask of a dense gradient, and (dense_output) the
+            # densifying of a sparse one (a tensor hook may not change the layout; AdamW then works even
+            # without attach()).
+            self._post_hook = values.register_post_accumulate_grad_hook(_after_accumulate)
 
     # ------------------------------------------------------------------ selection
     @property
@@ -233,12 +240,39 @@ class SparseMemoryFinetuner(ReferenceFinetunerAPI):
     # ------------------------------------------------------------------ gradient hooks
     def _on_backward(self, grad: Tensor) -> Tensor | None:
         self._grad_synced = False  # new gradient contributions: the next step must sync again
+        self._mask_after_accumulate = None
         if not self.args.mask_in_backward:
             return None
         if self.args.mode == "all_accessed" and self._trainable is not None:
             return None  # every row this rank read is selected (union over ranks): the mask is the identity
         rows = self._require_selection().to(grad.device)
+        if not grad.is_sparse and not grad.requires_grad and self._values.grad is None and self._accumulates():
+            # A dense gradient that becomes .grad as it is (the first contribution since zero_grad): mask it
+            # there, in place, once accumulated, instead of building a second N x d tensor here (a tensor hook
+            # must not modify its input). The same values as mask_rows: the kept rows untouched, zeros elsewhere.
+            self._mask_after_accumulate = rows
+            return None
+        # sparse, or accumulating onto an existing .grad (only this contribution is masked by this selection)
         return mask_rows(grad, rows, dense_output=False)  # a tensor hook must keep the gradient's layout
+
+    def _accumulates(self) -> bool:
+        """Whether this backward accumulates into values.grad (not torch.autograd.grad, whose result the
+        post-accumulate hook never sees: there the tensor hook masks as before)."""
+        try:
+            return bool(torch._C._will_engine_execute_node(self._grad_accumulator))
+        except (AttributeError, RuntimeError, TypeError):   # autograd.grad(), or a torch without this query
+            return False
+
+    def _on_accumulated(self, param: Tensor) -> None:
+        rows, self._mask_after_accumulate = self._mask_after_accumulate, None
+        grad = param.grad
+        if grad is None:
+            return
+        if rows is not None and not grad.is_sparse:
+            with torch.no_grad():
+                self._masked_in_place(grad, rows)
+        if self.args.dense_output and grad.is_sparse:
+            param.grad = grad.to_dense()
 
     @torch.no_grad()
     def sync_gradients(self) -> None:

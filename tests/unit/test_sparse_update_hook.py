@@ -285,3 +285,66 @@ def test_no_state_on_the_parameter() -> None:
     ft = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=3, use_idf=False), values)
     ft.attach(torch.optim.SGD([values], lr=1.0))
     assert set(vars(values)) == attrs_before
+
+
+def _masked_reference(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(grad)
+    out[rows] = grad[rows]
+    return out
+
+
+def test_dense_gradient_is_masked_in_place_without_a_second_buffer() -> None:
+    """memory.sparse_grad=False: the N x d gradient autograd hands over becomes .grad and is masked there, in
+    place (no second N x d tensor); the values are those of masking a copy."""
+    model = build(False)
+    values = model.memory_values
+    seen: dict[str, int] = {}
+
+    def record(grad: torch.Tensor) -> None:          # runs before the finetuner's hook (registered first)
+        seen["ptr"] = grad.data_ptr()                 # no reference kept: autograd may hand the tensor over
+        seen["unmasked"] = grad.clone()
+
+    values.register_hook(record)
+    ft = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=5, use_idf=False), values)
+    tokens, mask = make_batch(torch.Generator().manual_seed(1))
+    logits, indices = model(tokens, mask)
+    ft.update_trainable_indices(indices)
+    lm_loss(logits, tokens, mask).backward()
+    grad = values.grad
+    assert grad.data_ptr() == seen["ptr"]      # the very buffer backward produced: nothing reallocated
+    rows = ft.trainable_indices
+    assert torch.equal(grad, _masked_reference(seen["unmasked"], rows))
+    assert (grad.abs().sum(1) > 0).nonzero().flatten().tolist() == rows.tolist()
+
+    # a second backward accumulates onto .grad: that contribution is masked on its own, as before
+    logits, indices = model(tokens, mask)
+    lm_loss(logits, tokens, mask).backward()
+    assert torch.equal(values.grad, _masked_reference(2 * seen["unmasked"], rows))
+
+    # torch.autograd.grad never reaches .grad: the tensor hook still masks what it returns
+    values.grad = None
+    logits, _ = model(tokens, mask)
+    (g,) = torch.autograd.grad(lm_loss(logits, tokens, mask), values)
+    assert torch.equal(g, _masked_reference(seen["unmasked"], rows))
+    assert values.grad is None
+
+
+def test_dense_in_place_mask_matches_the_copying_mask() -> None:
+    """The old path (mask_rows builds a masked copy in the tensor hook) and the in-place one give the same
+    table after a few SGD steps, bit for bit."""
+    from sparse_update.hook import mask_rows
+
+    def run(in_place: bool) -> torch.Tensor:
+        model = build(False)
+        ft = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=5, use_idf=False),
+                                   model.memory_values)
+        if not in_place:
+            ft._accumulates = lambda: False           # force the copying branch
+        opt = torch.optim.SGD([model.memory_values], lr=1.0)
+        run_steps(model, ft, opt, steps=3, seed=4)
+        return model.memory_values.detach().clone()
+
+    assert torch.equal(run(True), run(False))
+    g = torch.randn(16, 3)
+    rows = torch.tensor([1, 5, 9])
+    assert torch.equal(mask_rows(g, rows, dense_output=False), _masked_reference(g, rows))
