@@ -18,8 +18,9 @@ trainer_vs_plain_loop_ratio (`run_pretrain`): `recipes/configs/tiny_pretrain.yam
 on every weight and the values, grad clip 1.0, warm-up/cosine lr, the finetuner in all_accessed mode with a
 dense values gradient), its model and batch (32 x 64), interleaved with a minimal hand loop on a copy of the
 same weights: forward, cross-entropy, backward, one fused AdamW (same lr, betas, weight decay) over every
-parameter. The hand loop's model differs only in memory.sparse_grad=False: AdamW needs a dense gradient,
-which the trainer gets from the finetuner's densifying hook. Figure: hand-loop time / trainer time per rep
+parameter. The hand loop's model is built with memory.sparse_grad=False (AdamW needs a dense gradient); the
+trainer's Stepper switches its memory layers to the dense gradient itself (training/step.py
+dense_values_gradient; before that, a sparse COO of every lookup was densified by the finetuner's hook). Figure: hand-loop time / trainer time per rep
 (= trainer tokens/s over hand-loop tokens/s), median over reps.
 """
 from __future__ import annotations
@@ -208,7 +209,7 @@ def run_pretrain(profile) -> dict:
                    "strategy": f"{config.strategy} (one process, no process group)",
                    "optimizer": f"AdamW lr={o.lr} betas={tuple(o.betas)} wd={o.weight_decay} fused",
                    "trainer_extras": f"grad_clip={o.grad_clip}, {o.schedule} lr with {o.warmup_steps} warm-up "
-                                     "steps, all_accessed finetuner (dense values gradient), metrics",
+                                     "steps, all_accessed finetuner (dense values gradient from the memory layers), metrics",
                    "hand_loop": "forward, cross-entropy, backward, AdamW step; memory.sparse_grad=False"},
         "step_s": {k: summary(v) for k, v in wall.items()},
         "step_cpu_s": {k: summary(v) for k, v in cpu.items()},

@@ -92,6 +92,9 @@ class ProductKeyMemory(nn.Module):
         super().__init__()
         self.config = config
         c = config
+        self.sparse_grad = c.sparse_grad
+        """Layout of the values gradient (embedding_bag(sparse=...)); config.sparse_grad unless the trainer
+        sets it (a values table trained by AdamW needs a dense gradient: training/step.py)."""
         self.query = nn.Linear(dim, c.heads * c.k_dim, bias=True)
         self.query_norm = nn.BatchNorm1d(c.heads * c.k_dim) if c.query_batchnorm else None
         self.sub_keys = nn.Parameter(torch.empty(c.heads, 2, c.num_sub_keys, c.k_dim // 2))
@@ -137,7 +140,7 @@ class ProductKeyMemory(nn.Module):
             balance.append(aux)
         read = F.embedding_bag(slots.reshape(flat.shape[0], -1), values,
                                per_sample_weights=weights.reshape(flat.shape[0], -1).to(values.dtype),
-                               mode="sum", sparse=c.sparse_grad)        # sum over heads and k
+                               mode="sum", sparse=self.sparse_grad)        # sum over heads and k
         read = read.to(x.dtype)
         if self.gate is not None:
             read = read * F.silu(self.gate(flat))

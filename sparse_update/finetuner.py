@@ -343,6 +343,13 @@ class SparseMemoryFinetuner(ReferenceFinetunerAPI):
     def _masked_in_place(self, grad: Tensor, rows: Tensor) -> Tensor:
         if grad.is_sparse:
             return mask_rows(grad, rows, dense_output=self.args.dense_output)
+        if 8 * rows.numel() > grad.shape[0]:
+            # many rows kept (all_accessed): zero the others in place instead of copying the kept ones out
+            # and back (the same values: kept rows untouched, +0.0 elsewhere)
+            drop = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+            drop[rows] = False
+            grad.index_fill_(0, drop.nonzero().flatten(), 0)
+            return grad
         kept = grad.index_select(0, rows)
         grad.zero_()
         grad.index_copy_(0, rows, kept)

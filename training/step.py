@@ -120,6 +120,9 @@ class Stepper:
                  device: torch.device, total_steps: int) -> None:
         self.config, self.strategy, self.finetuner, self.values_lane = config, strategy, finetuner, values_lane
         self.device, self.total_steps = device, total_steps
+        if finetuner is not None and finetuner.args.enabled and finetuner.args.dense_output:
+            dense_values_gradient(strategy.module)
+
 
     def step(self, batch, step: int, *, nan_fault: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -209,3 +212,15 @@ def _answer_split(logits: torch.Tensor, labels: torch.Tensor, answer: torch.Tens
     if sums[3] > 0:
         out["train/loss_other"] = float(sums[2] / sums[3])
     return out
+
+
+def dense_values_gradient(model: nn.Module) -> None:
+    """Have every memory layer produce a dense values gradient (embedding_bag(sparse=False)) when the
+    optimizer needs one anyway (AdamW: pretraining, method full). A sparse gradient holds one
+    value_dim-wide row per lookup (tokens x heads x k rows: 4x the tiny table at 32 x 64 tokens) and the
+    finetuner's hook then densified it; the dense backward sums the lookups straight into the N x d gradient,
+    so the step skips that intermediate and the conversion. The same gradient up to float summation order."""
+    from model.memory import ProductKeyMemory
+    for layer in model.modules():
+        if isinstance(layer, ProductKeyMemory):
+            layer.sparse_grad = False

@@ -348,3 +348,15 @@ def test_dense_in_place_mask_matches_the_copying_mask() -> None:
     g = torch.randn(16, 3)
     rows = torch.tensor([1, 5, 9])
     assert torch.equal(mask_rows(g, rows, dense_output=False), _masked_reference(g, rows))
+
+
+@pytest.mark.parametrize("kept", [3, 200], ids=["few_rows_copied", "many_rows_complement_zeroed"])
+def test_in_place_mask_either_way_equals_the_masked_copy(kept: int) -> None:
+    model = build(False)
+    ft = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=5, use_idf=False), model.memory_values)
+    g = torch.randn(256, 8)
+    rows = torch.randperm(256, generator=torch.Generator().manual_seed(0))[:kept].sort().values
+    expected = _masked_reference(g, rows)
+    out = ft._masked_in_place(g, rows)
+    assert out is g and torch.equal(g, expected)
+    assert torch.equal(torch.signbit(g), torch.signbit(expected))   # +0.0 where masked, like zeros_like

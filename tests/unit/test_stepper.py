@@ -179,3 +179,16 @@ def test_max_row_norm_off_reports_nothing_and_changes_nothing():
     _, model_b, _, stepper_b, batch = setup(lr=2000.0, cap=1e9)   # a bound no row reaches: the plain step
     assert stepper_b.step(batch, 0)["memory/rows_norm_bounded"] == 0
     assert torch.equal(model_a.memory_values, model_b.memory_values)
+
+
+@pytest.mark.parametrize("method, dense", [("full", True), ("memory_all", False), ("tf_only", False)])
+def test_values_trained_by_adamw_get_a_dense_gradient_straight_from_the_memory_layer(method, dense):
+    """AdamW needs a dense values gradient: the Stepper has the memory layers produce it (no sparse COO of every
+    lookup densified afterwards); plain-SGD methods keep the sparse one. Only the accessed rows are nonzero."""
+    _, model, finetuner, stepper, batch = setup(method=method, lr=1e-3)
+    layers = [m for m in model.modules() if hasattr(m, "sparse_grad")]
+    assert layers and all(m.sparse_grad is (not dense) for m in layers)
+    seen = []
+    model.memory_values.register_hook(lambda g: seen.append(g.is_sparse))
+    stepper.step(batch, 0)
+    assert seen == [not dense]
