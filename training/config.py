@@ -67,6 +67,10 @@ class DataSection:
     """P: rows per finetune step (paraphrases of one fact / augmentations of one chunk), split across ranks."""
     paraphrase_file: str = ""
     """Optional jsonl {id, paraphrases: [...]} that replaces the templates for those facts."""
+    pack_statements: bool = False
+    """Pack the pretrain/background statement rows back to back (as prose windows are) instead of one
+    statement per row right-padded to seq_len (60% of the world demo's pretrain tokens at seq_len 32 are that
+    padding). Off by default, so the measured demo bases (docs/world_ladder.md) are unchanged."""
     statement_prefixes: bool = False
     """Pretrain/background statement rows also come with each of the fact stream's variation prefixes
     ("Fun fact: ", ...; data_pipeline/facts.py), so the background statistics see the generic wrappers that

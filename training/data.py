@@ -121,7 +121,7 @@ def lm_stream(config, tokenizer: Tokenizer, facts: list, *, rank: int, world_siz
         streams.append(StatementStream(facts, tokenizer, seq_len=d.seq_len, batch_size=num_fact_rows, rank=rank,
                                        world_size=world_size, seed=config.seed,
                                        paraphrase_file=d.paraphrase_file or None,
-                                       variation_prefixes=d.statement_prefixes))
+                                       variation_prefixes=d.statement_prefixes, pack=d.pack_statements))
     return MixedStream(streams)
 
 

@@ -129,3 +129,32 @@ def test_mixed_stream_ratio_and_resume(tok: Tokenizer, texts: list[str], facts) 
     assert all(torch.equal(x.tokens, y.tokens) and torch.equal(x.labels, y.labels) for x, y in zip(_take(resumed, 4), ref))
     with pytest.raises(ValueError, match="seq_len"):
         MixedStream([LMStream(texts, tok, seq_len=32, batch_size=1), StatementStream(facts, tok, seq_len=16, batch_size=1)])
+
+
+def test_packed_statement_stream_has_no_padding_and_the_same_statements(tok: Tokenizer, facts) -> None:
+    """pack=True: rows full of statements (no padding), the statements the padded stream reads, in its order,
+    each [bos] + statement + [eos] back to back; exact resume; a padded stream's state is refused."""
+    padded = StatementStream(facts, tok, seq_len=64, batch_size=4, rank=1, world_size=2, seed=3)
+    packed = StatementStream(facts, tok, seq_len=64, batch_size=4, rank=1, world_size=2, seed=3, pack=True)
+    order = [padded.next_index() for _ in range(60)]               # one epoch of this rank's statements
+    expected = np.concatenate([tok.encode(padded.statements[i], bos=True, eos=True) for i in order]).tolist()
+    stream: list[int] = []
+    batch = None
+    while len(stream) < len(expected):
+        batch = next(packed)
+        assert batch.tokens.shape == (4, 64)
+        assert bool(batch.padding_mask.all()) and bool((batch.labels != -100).all())   # no padding at all
+        for row_tokens, row_labels in zip(batch.tokens, batch.labels):
+            assert torch.equal(row_tokens[1:], row_labels[:-1])       # next-token labels within the row
+            stream.extend(row_tokens.tolist())
+    assert stream[:len(expected)] == expected                      # the same statements, the same order
+    # a padded batch of the same statements: ~half its tokens are padding here
+    real_share = next(StatementStream(facts, tok, seq_len=64, batch_size=4, seed=3)).padding_mask.float().mean()
+    assert float(real_share) < 0.9
+    state = packed.state_dict()
+    ref = _take(packed, 3)
+    again = StatementStream(facts, tok, seq_len=64, batch_size=4, rank=1, world_size=2, seed=3, pack=True)
+    again.load_state_dict(state)
+    assert all(torch.equal(x.tokens, y.tokens) and torch.equal(x.labels, y.labels) for x, y in zip(_take(again, 3), ref))
+    with pytest.raises(ValueError, match="pack"):
+        StatementStream(facts, tok, seq_len=64, batch_size=4, rank=1, world_size=2, seed=3).load_state_dict(state)
