@@ -125,6 +125,10 @@ def load_model(config, ckpt: Path, dist_info):
         for p in model.parameters():
             p.requires_grad_(False)
     strategy, lora_names = build_parallel_model(config, dist_info, set_trainable=freeze)
+    if dist_info.distributed:
+        # Nothing trains; the strategy builds what its forward needs (ZeRO-3: the engine that gathers
+        # the partitions materialize left on each rank), as the trainer does before loading.
+        strategy.setup_optimizer([], lambda params: None)
     if lora_names:   # a LoRA config on a base checkpoint: the adapters start as the identity (B = 0)
         strategy.load(str(ckpt / "sharded"), model_only=True, allow_missing=lambda k: k in lora_names)
     else:

@@ -514,7 +514,7 @@ def _total_steps(config, stream) -> int:
 
 
 def _trainable_per_step(config, plan, trainable, values) -> int:
-    dense = sum(p.numel() for p in trainable)
+    dense = sum(getattr(p, "ds_numel", p.numel()) for p in trainable)   # ZeRO-3 holds only a partition
     if not plan.train_values or values is None:
         return dense
     if plan.sparse_args.mode == "top_t":

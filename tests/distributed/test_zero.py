@@ -195,10 +195,15 @@ def test_zero3_partitions_the_engine_and_never_the_values(pretrain):
         assert all(len(s) == 1 for s in shas.values()), strategy       # both ranks hold the same bits
         local = {r["rank"]: r["local_numel"] for r in rows}
         full = rows[0]["full_numel"]
+        # right after materialize, before any engine: ZeRO-3 (like FSDP2) never held the whole model
+        at_build = {r["rank"]: r["materialized_local_numel"] for r in rows}
+        assert all(r["materialized_full_numel"] == full for r in rows), strategy
         if strategy == "zero1":
             assert local == {0: full, 1: full}                    # ZeRO-1 replicates the weights
+            assert at_build == {0: full, 1: full}
         else:
             assert sum(local.values()) >= full and max(local.values()) < 0.6 * full, (strategy, local, full)
+            assert sum(at_build.values()) >= full and max(at_build.values()) < 0.6 * full, (strategy, at_build, full)
     engine_dir = list_checkpoints(pretrain["zero3"])[-1] / "sharded" / "deepspeed" / "engine"
     assert sorted(p.name for p in engine_dir.iterdir()) == [
         f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")]

@@ -7,8 +7,14 @@ DeepSpeed never sees it, so no stage partitions, reduces or checkpoints it. The 
 own optimizer with the sparse_update mask + row-sync hook and saves it, exactly as under FSDP2.
 
 Life cycle (the order trainer.py calls the seam in):
-  materialize     full-size deterministic init on every rank from the same per-parameter generators
-                  as FSDP2, so both strategies start from the same bits
+  materialize     deterministic init from the same per-parameter generators as FSDP2, so both
+                  strategies start from the same bits. ZeRO-3 under a process group: one parameter at a
+                  time is allocated full-size, initialised and handed to DeepSpeed's ZeRO-3 partitioning
+                  (`deepspeed.zero.Init(module=...)` for the first, then that parameter's
+                  `convert_to_zero_parameters`, as `deepspeed.initialize` itself converts a module), so a
+                  rank never holds the whole model, only its partitions and one full parameter. ZeRO-1/2
+                  replicate the weights anyway and materialise them whole (as does ZeRO-3 without a
+                  process group, for one-process evaluation)
   setup_optimizer `deepspeed.initialize(model, optimizer=<torch optimizer of the trainable engine
                   parameters>)`; ZeRO-3 partitions the parameters here. With nothing trainable in the
                   engine (sparse, tf_only, memory_all, background) ZeRO-3 runs without an optimizer (it
@@ -128,6 +134,15 @@ class _RootOutputFilter(logging.Filter):
         return "ModelOutput" not in record.getMessage()
 
 
+def _quiet_deepspeed() -> None:
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel(logging.WARNING)     # the console line per step is ours; DeepSpeed's INFO is noise
+    if not any(isinstance(f, _RootOutputFilter) for f in ds_logger.filters):
+        ds_logger.addFilter(_RootOutputFilter())
+    # DeepSpeed 0.19 calls c10d functions that torch 2.13 deprecates, warning on every call.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+
+
 class _EngineModule(nn.Module):
     """What the loop calls once the engine exists: the engine's forward, and the model's `config`
     (the engine's own `config` attribute is DeepSpeed's JSON, which evaluation would misread)."""
@@ -169,6 +184,10 @@ class ZeroStrategy:
     def materialize(self, init_fn: Callable[[str, torch.Tensor, torch.Generator], None], seed: int) -> None:
         from model import Transformer
         device = self.dist_info.device
+        if self.stage == 3 and self.dist_info.distributed:
+            self._materialize_partitioned(init_fn, seed)
+            self._materialize_values(init_fn, seed)
+            return
         # to_empty makes one new parameter per module, which unties shared weights (tie_embeddings):
         # note the aliases first and tie them again after
         first: dict[int, str] = {}
@@ -186,6 +205,52 @@ class ZeroStrategy:
         for module in self.model.modules():
             if isinstance(module, nn.BatchNorm1d):
                 module.reset_running_stats()
+        self._materialize_values(init_fn, seed)
+
+    @torch.no_grad()
+    def _materialize_partitioned(self, init_fn: Callable[[str, torch.Tensor, torch.Generator], None],
+                                 seed: int) -> None:
+        """ZeRO-3: each meta parameter becomes a ZeRO-3 parameter holding only this rank's partition.
+        A full-size tensor exists for one parameter at a time (initialised from its generator on every
+        rank; DeepSpeed broadcasts rank 0's copy, the same bits, before partitioning). Tied parameters
+        (every name of one Parameter) get the one new parameter."""
+        import deepspeed
+        from model import Transformer
+        _quiet_deepspeed()
+        device = self.dist_info.device
+        owners: dict[int, tuple[str, nn.Parameter, list[tuple[nn.Module, str]]]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            owner, _, attr = name.rpartition(".")
+            owners.setdefault(id(param), (name, param, []))[2].append((self.model.get_submodule(owner), attr))
+        for module in self.model.modules():      # buffers are small: whole on every rank, as before
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    module._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+            if isinstance(module, nn.BatchNorm1d):
+                module.reset_running_stats()
+        first: nn.Parameter | None = None
+        for canonical, old, places in owners.values():
+            full = torch.empty(old.shape, dtype=old.dtype, device=device)
+            init_fn(canonical, full, Transformer.param_generator(seed, canonical, device))
+            param = nn.Parameter(full, requires_grad=old.requires_grad)
+            del full
+            for module, attr in places:
+                module._parameters[attr] = param
+            if first is None:
+                holder = nn.Module()
+                holder.register_parameter("param", param)
+                deepspeed.zero.Init(module=holder, config_dict_or_path=copy.deepcopy(self.ds_config),
+                                    dtype=param.dtype)
+                first = param
+            else:
+                first.convert_to_zero_parameters(param_list=[param])
+        assert all(hasattr(p, "ds_id") for p in self.model.parameters()), "a parameter escaped ZeRO-3 partitioning"
+
+    @torch.no_grad()
+    def _materialize_values(self, init_fn: Callable[[str, torch.Tensor, torch.Generator], None], seed: int) -> None:
+        """The values table: full and replicated on every rank, outside the engine."""
+        from model import Transformer
+        device = self.dist_info.device
         if self.values is not None:
             old = self.values
             values = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
@@ -201,11 +266,7 @@ class ZeroStrategy:
                              "torchrun (--nproc_per_node=1 for one process) or use --strategy=fsdp2")
         import deepspeed
         from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
-        from deepspeed.utils import logger as ds_logger
-        ds_logger.setLevel(logging.WARNING)     # the console line per step is ours; DeepSpeed's INFO is noise
-        ds_logger.addFilter(_RootOutputFilter())
-        # DeepSpeed 0.19 calls c10d functions that torch 2.13 deprecates, warning on every call.
-        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
+        _quiet_deepspeed()
         self.params = [p for p in params if p is not self.values]
         self.optimizer = factory(self.params) if self.params else None
         cfg = copy.deepcopy(self.ds_config)

@@ -5,7 +5,8 @@ around the strategy's `save` that, on every rank, appends one JSON line to OUTPU
 the SHA-256 of this rank's live values table, whether the table is a parameter of what the loop calls
 (it must not be: it lives outside the engine) or a ZeRO-3 parameter, and how many of the engine's
 parameter elements this rank holds locally versus in full (ZeRO-3 partitions, FSDP2 shards, ZeRO-1/2
-replicate).
+replicate), at the save and right after the strategy materialised the model, before any engine existed
+(a wrapper around `materialize`).
 
     torchrun --standalone --nproc_per_node=2 tests/distributed/workers/zero_probe.py --config ... [--key=value ...]
 """
@@ -45,8 +46,13 @@ def _local_and_full_numel(module: torch.nn.Module) -> tuple[int, int]:
 
 def probed_build_strategy(name, model, *, values, dist_info, config):
     strategy = build_strategy(name, model, values=values, dist_info=dist_info, config=config)
-    save = strategy.save
+    save, materialize = strategy.save, strategy.materialize
     out = Path(config.output_dir) / "probe"
+    materialized: dict[str, int] = {}
+
+    def materialize_and_record(*args, **kwargs) -> None:
+        materialize(*args, **kwargs)          # before any engine exists: what this rank holds now
+        materialized["local"], materialized["full"] = _local_and_full_numel(strategy.module)
 
     def save_and_record(path: str) -> None:
         save(path)
@@ -63,12 +69,15 @@ def probed_build_strategy(name, model, *, values, dist_info, config):
             "values_requires_grad": bool(table.requires_grad),
             "local_numel": local,
             "full_numel": full,
+            "materialized_local_numel": materialized["local"],
+            "materialized_full_numel": materialized["full"],
         }
         out.mkdir(parents=True, exist_ok=True)
         with open(out / f"rank{dist_info.rank}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
     strategy.save = save_and_record
+    strategy.materialize = materialize_and_record
     return strategy
 
 
