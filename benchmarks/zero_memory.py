@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": {"preset": "small", "overrides": MODEL, "ranks": 2, "threads_per_rank": 1, "steps": args.steps,
                    "batch_per_rank": 2, "seq": 64, "stage": "pretrain (AdamW on everything, values included)",
                    "zero3_config": "recipes/configs/deepspeed/zero3.json",
-                   "measure": "ru_maxrss per rank: after setup_optimizer (setup) and at the end (run)"},
+                   "measure": "ru_maxrss per rank: after strategy.materialize (materialize), after "
+                              "setup_optimizer (setup), at the end (run)"},
         "zero3_vs_fsdp2_peak_rss_ratio": max(z["run_peak_rss_gb"]) / max(f["run_peak_rss_gb"]),
         "zero3_vs_fsdp2_setup_peak_rss_ratio": max(z["setup_peak_rss_gb"]) / max(f["setup_peak_rss_gb"]),
         "zero3_vs_fsdp2_materialize_peak_rss_ratio": (max(z["materialize_peak_rss_gb"])
