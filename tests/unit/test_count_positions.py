@@ -9,30 +9,15 @@ import pytest
 import torch
 
 from data_pipeline import Batch
-from model import build_model
 from sparse_update import SparseMemoryFinetuner
-from training.config import resolve_config
-from training.step import IGNORE_INDEX, Stepper, make_plan, optimizer_factory, set_trainable
-from training.values_lane import ValuesLane
+from training.step import IGNORE_INDEX, make_plan
 
-from test_stepper import LocalStrategy
+from test_stepper import setup
 
 
 def build(count_positions: str):
-    cfg = resolve_config("recipes/configs/tiny_fact_learning.yaml", {
-        "init_from": "x", "method": "sparse", "sparse.ranking": "tf", "optim.lr": 10.0, "sparse.top_t": 8,
-        "optim.loss_on": "answer", "sparse.count_positions": count_positions,
-        "model.n_layers": 2, "model.memory_layers": [1], "model.memory.num_slots": 32 ** 2})
-    torch.manual_seed(0)
-    model = build_model("tiny", n_layers=2, memory_layers=(1,), memory={"num_slots": 32 ** 2})
-    plan = make_plan(cfg)
-    set_trainable(model, plan, set())
-    values = model.memory_values
-    finetuner = SparseMemoryFinetuner(plan.sparse_args, values)
-    lane = ValuesLane(values, optimizer_factory(cfg, sgd=True, values=True)([values]), finetuner,
-                      lr_mult=cfg.optim.values_lr_mult)
-    stepper = Stepper(config=cfg, strategy=LocalStrategy(model, []), finetuner=finetuner, values_lane=lane,
-                      device=torch.device("cpu"), total_steps=4)
+    cfg, model, finetuner, stepper, _ = setup(method="sparse", t=8, lr=10.0, overrides={
+        "sparse.ranking": "tf", "optim.loss_on": "answer", "sparse.count_positions": count_positions})
     return cfg, model, finetuner, stepper
 
 

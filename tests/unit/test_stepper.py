@@ -35,11 +35,12 @@ class LocalStrategy:
             self.optimizer.zero_grad(set_to_none=True)
 
 
-def setup(method="tf_only", clip=0.0, t=6, lr=50.0, cap=0.0):
+def setup(method="tf_only", clip=0.0, t=6, lr=50.0, cap=0.0, overrides=None):
     cfg = resolve_config("recipes/configs/tiny_fact_learning.yaml", {
         "init_from": "x", "method": method, "optim.lr": lr, "sparse.top_t": t, "optim.grad_clip": clip,
         "optim.values_max_row_norm": cap,
-        "optim.loss_on": "all", "model.n_layers": 2, "model.memory_layers": [1], "model.memory.num_slots": 32 ** 2})
+        "optim.loss_on": "all", "model.n_layers": 2, "model.memory_layers": [1], "model.memory.num_slots": 32 ** 2,
+        **(overrides or {})})
     torch.manual_seed(0)
     model = build_model("tiny", n_layers=2, memory_layers=(1,), memory={"num_slots": 32 ** 2})
     plan = make_plan(cfg)
