@@ -2,9 +2,10 @@
 
 :class:`LMStream` loads every document and caches its token ids, which a DCLM-size corpus cannot afford.
 :class:`StreamingLMStream` reads the files with ``datasets.load_dataset("json"|"csv"|"parquet",
-data_files=..., streaming=True)`` (jsonl may be .gz/.zst compressed), drops empty texts, gives rank r
-every world_size-th document (``split_dataset_by_node``; with several files and a file count divisible
-by world_size, whole files per rank instead), optionally shuffles through a buffer of
+data_files=..., streaming=True)`` (jsonl may be .gz/.zst compressed), drops empty texts (a row without a text string is an error naming the file), gives rank r
+every world_size-th document after the skipped ones (``split_dataset_by_node`` with
+``strategy="examples"``: the "auto" strategy hands whole files to ranks when their count divides by
+world_size, and then skips ``skip_docs`` documents of every file instead of the first ones), optionally shuffles through a buffer of
 ``shuffle_buffer`` documents (reseeded each epoch), and packs ``[bos] + text + [eos]`` exactly as
 LMStream does: windows of seq_len + 1 ids overlapping by one. With ``shuffle_buffer=0`` it yields the
 same batches as ``LMStream(load_texts(paths), shuffle=False)`` (tested).
@@ -61,11 +62,18 @@ def stream_text_dataset(paths: Sequence[str | os.PathLike], *, text_field: str =
         raise ValueError(f"data.text mixes file types ({', '.join(sorted(builders))}); stream one type at a time")
     ds = load_dataset(builders.pop(), data_files=paths, split="train", streaming=True)
     ds = ds.select_columns([text_field])
-    ds = ds.filter(lambda row: isinstance(row[text_field], str) and bool(row[text_field].strip()))
+    def keep(row) -> bool:
+        text = row[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"data.text {', '.join(paths)}: a row's {text_field!r} is {type(text).__name__}, not "
+                             f"a string; give every row a {text_field!r} string (or drop the row)")
+        return bool(text.strip())
+
+    ds = ds.filter(keep)
     if skip_docs:
         ds = ds.skip(skip_docs)
     if world_size > 1:
-        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size, strategy="examples")
     if shuffle_buffer:
         ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
     return ds

@@ -91,3 +91,26 @@ def test_csv_and_parquet_copies_stream_the_same_batches(tok, tmp_path):
     for path in (tmp_path / "t.csv", tmp_path / "t.parquet"):
         for a, b in zip(ref, _take(StreamingLMStream([path], tok, seq_len=32, batch_size=4), 3)):
             assert torch.equal(a.tokens, b.tokens), path
+
+
+def test_two_files_two_ranks_skip_the_first_documents_of_the_stream(tmp_path):
+    """The held-out documents are the first skip_docs of the whole stream, whatever the files and ranks: with
+    2 files on 2 ranks datasets' "auto" split gave each rank a file and skipped the first docs of *each* file,
+    so held-out documents of the first file were trained on."""
+    import json
+    from data_pipeline.hf_stream import stream_text_dataset
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name}{i}"}) + "\n" for i in range(10)))
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    every = [f"{n}{i}" for n in "ab" for i in range(10)]
+    seen = [[row["text"] for row in stream_text_dataset(files, rank=r, world_size=2, skip_docs=4)] for r in (0, 1)]
+    assert sorted(seen[0] + seen[1]) == sorted(every[4:])
+    assert seen[0] == every[4::2] and seen[1] == every[5::2]
+
+
+def test_a_row_without_a_text_string_is_an_error_naming_the_file(tmp_path):
+    from data_pipeline.hf_stream import stream_text_dataset
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 7}\n')
+    with pytest.raises(ValueError, match="bad.jsonl"):
+        list(stream_text_dataset([bad]))
