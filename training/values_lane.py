@@ -34,29 +34,35 @@ class ValuesLane:
             self.values.grad.mul_(clip_coef)      # already synced: grad_sq_norm ran to compute the coefficient
         for group in self.optimizer.param_groups:
             group["lr"] = lr * self.lr_mult
-        rows, before = self._rows_and_norms() if self.max_row_norm > 0 else (None, None)
+        bounded = self.max_row_norm > 0
+        rows = self._movable_rows() if bounded else None
+        before = self._norms(rows) if bounded else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._bound_rows(rows, before) if rows is not None else 0
+        return self._bound_rows(rows, before) if bounded else 0
+
+    def _movable_rows(self) -> torch.Tensor | None:
+        """The rows this step may move: with plain SGD the finetuner's selection (nothing else moves); None =
+        every row (AdamW: its moments move unread rows too)."""
+        if isinstance(self.optimizer, torch.optim.SGD) and self.finetuner.args.enabled:
+            return self.finetuner.trainable_indices
+        return None
 
     @torch.no_grad()
-    def _rows_and_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows this step may move and their L2 norms before the step, in float32: with plain SGD the
-        finetuner's selection (nothing else moves); with AdamW every row (its moments move unread rows too)."""
-        sgd = isinstance(self.optimizer, torch.optim.SGD)
-        selected = self.finetuner.trainable_indices if sgd and self.finetuner.args.enabled else None
-        rows = selected if selected is not None else torch.arange(self.values.shape[0], device=self.values.device)
-        return rows, self.values.detach()[rows].float().norm(dim=1)
-
-    @torch.no_grad()
-    def _bound_rows(self, rows: torch.Tensor, before: torch.Tensor) -> int:
-        """Scale each moved row whose norm grew past max(max_row_norm, its norm before) back to that bound."""
+    def _norms(self, rows: torch.Tensor | None) -> torch.Tensor:
         table = self.values.detach()
-        after = table[rows].float().norm(dim=1)
+        return (table if rows is None else table[rows]).float().norm(dim=1)
+
+    @torch.no_grad()
+    def _bound_rows(self, rows: torch.Tensor | None, before: torch.Tensor) -> int:
+        """Scale each moved row whose norm grew past max(max_row_norm, its norm before) back to that bound;
+        only those rows are written."""
+        after = self._norms(rows)
         bound = before.clamp(min=self.max_row_norm)
-        over = after > bound
-        if not bool(over.any()):
+        over = (after > bound).nonzero().flatten()
+        if over.numel() == 0:
             return 0
-        scale = torch.where(over, bound / after, torch.ones_like(after))
-        table[rows] = (table[rows].float() * scale[:, None]).to(table.dtype)
-        return int(over.sum())
+        table = self.values.detach()
+        idx = over if rows is None else rows[over]
+        table[idx] = (table[idx].float() * (bound[over] / after[over])[:, None]).to(table.dtype)
+        return int(over.numel())
