@@ -285,3 +285,16 @@ def token_batches(count: int, batch: int, seq: int, vocab: int, *, seed: int = 0
     import torch
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (batch, seq), generator=gen) for _ in range(count)]
+
+
+def git_commit() -> dict:
+    """The commit measured: short sha and whether the work tree differed from it (tracked files)."""
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+    sha = git("rev-parse", "--short", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": sha, "dirty": None if status is None else bool(status)}

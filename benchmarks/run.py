@@ -15,7 +15,6 @@ import dataclasses
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from data_pipeline.atomic import atomic_write
-from benchmarks.common import PROFILES, REPO, Profile, loadavg, machine_info, median, run_json, summary
+from benchmarks.common import PROFILES, REPO, Profile, git_commit, loadavg, machine_info, median, run_json, summary
 
 # key -> (item, goal text, goal check or None, DESIGN.md §4 probe figure or None)
 FIGURES: dict[str, tuple] = {
@@ -179,19 +178,6 @@ def item_throughput_cuda(p: Profile, figures: dict) -> dict:
 
 
 RUNNERS = {name: globals()[f"item_{name}"] for name in ITEMS}
-
-
-def git_commit() -> dict:
-    """The commit measured: short sha and whether the work tree differed from it (tracked files)."""
-    def git(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-    sha = git("rev-parse", "--short", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": sha, "dirty": None if status is None else bool(status)}
 
 
 # ------------------------------------------------------------------------------------------ output

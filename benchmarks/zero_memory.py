@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,21 +28,10 @@ from pathlib import Path
 if __package__ in (None, ""):      # the torchrun worker runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, child_env, machine_info  # noqa: E402
+from benchmarks.common import REPO, child_env, git_commit, machine_info, peak_rss_bytes, rss_bytes  # noqa: E402
 
 STRATEGIES = ("fsdp2", "zero3")
 MODEL = ["--model.preset=small", "--model.vocab_size=8192"]
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _current_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(argv: list[str]) -> int:
@@ -65,12 +53,12 @@ def worker(argv: list[str]) -> int:
 
         def materialize_and_record(*a, **k):
             materialize(*a, **k)
-            record.update(materialize_peak_rss=_maxrss_bytes(), materialize_rss=_current_rss_bytes())
+            record.update(materialize_peak_rss=peak_rss_bytes(), materialize_rss=rss_bytes())
         strategy.materialize = materialize_and_record
 
         def setup_and_record(*a, **k):
             setup(*a, **k)
-            record.update(setup_peak_rss=_maxrss_bytes(), setup_rss=_current_rss_bytes())
+            record.update(setup_peak_rss=peak_rss_bytes(), setup_rss=rss_bytes())
         strategy.setup_optimizer = setup_and_record
         return strategy
 
@@ -79,7 +67,7 @@ def worker(argv: list[str]) -> int:
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     rc = recipe.main(args)
-    record.update(run_peak_rss=_maxrss_bytes(), rc=rc)
+    record.update(run_peak_rss=peak_rss_bytes(), rc=rc)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
     return rc
@@ -121,14 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "zero_memory.json"))
     args = ap.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
     runs = {s: measure(s, steps=args.steps, timeout=args.timeout) for s in STRATEGIES}
     z, f = runs["zero3"], runs["fsdp2"]
     result = {
-        "commit": commit, "dirty": dirty, "machine": machine_info(),
+        **git_commit(), "machine": machine_info(),
         "inputs": {"preset": "small", "overrides": MODEL, "ranks": 2, "threads_per_rank": 1, "steps": args.steps,
                    "batch_per_rank": 2, "seq": 64, "stage": "pretrain (AdamW on everything, values included)",
                    "zero3_config": "recipes/configs/deepspeed/zero3.json",
