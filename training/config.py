@@ -41,8 +41,8 @@ class DataSection:
     """Text sources (jsonl / jsonl.zst with a `text` key) for pretraining and background."""
     streaming: bool = False
     """Stream data.text (jsonl[.gz|.zst], csv or parquet with a `text` column) through HF datasets
-    (load_dataset(..., streaming=True)) instead of holding every document in RAM. Training then skips the
-    first 64 documents, the held-out text when eval.heldout_text is empty (data_pipeline/hf_stream.py)."""
+    (load_dataset(..., streaming=True)) instead of holding every document in RAM. Training then always skips the
+    first 64 documents (the held-out text unless eval.heldout_text names another; data_pipeline/hf_stream.py)."""
     shuffle_buffer: int = 10000
     """With data.streaming: documents shuffled through a buffer of this many (reseeded each epoch); 0 = file order."""
     facts: str = "data_pipeline/samples/triviaqa_validation_sample.jsonl"
