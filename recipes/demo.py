@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WORLDS = {  # world -> (config folder, sweep preset, the data file that must exist)
-    "synthetic": (REPO / "recipes" / "configs" / "world", "world", REPO / "data" / "world" / "facts.jsonl"),
+    "synthetic": (REPO / "recipes" / "configs" / "world_n65k", "world_n65k", REPO / "data" / "world" / "facts.jsonl"),
     "triviaqa": (REPO / "recipes" / "configs" / "demo", "demo", REPO / "data" / "triviaqa_validation.jsonl"),
 }
 QUICK = ["--data.num_known_facts=16", "--data.fact_offset=16", "--data.num_new_facts=2",
@@ -124,6 +124,81 @@ def diagnostics_table(runs: list[tuple[str, dict]]) -> str:
         lines.append(f"| {name} | " + " | ".join(fmt(d.get(k)) if k != "memory/updated_rows" else str(d.get(k, "–"))
                                                   for k in keys) + " |")
     return "\n".join(lines)
+
+
+STREAM = re.compile(r"^(?P<point>.+)_stream(?P<offset>\d+)$")
+
+
+def _delta(s: dict, key: str, kind: str) -> float | None:
+    m = s["metrics"].get(key)
+    if m is None:
+        return None
+    return m.get("rel_change") if kind == "rel" else m["after"] - m["before"]
+
+
+def stream_groups(runs: list[tuple[str, dict]]) -> dict[str, list[tuple[str, dict]]]:
+    """Points run on several new-fact streams: `NAME` (the config's stream) and `NAME_streamOFFSET` (sweep axis
+    `stream` = data.fact_offset) -> {NAME: [(stream label, summary), ...]}, only for points with a variant."""
+    by_name = dict(runs)
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for name, s in runs:
+        m = STREAM.match(name)
+        if m and m["point"] in by_name:
+            groups.setdefault(m["point"], [("config's", by_name[m["point"]])]).append((m["offset"], s))
+    return groups
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:+.3f} ± {sd:.3f}"
+
+
+def stream_table(runs: list[tuple[str, dict]]) -> str:
+    """Mean ± sd (sample) over the streams of each point run on several: new-fact F1 gain (after - before),
+    relative known-fact F1 change and prose NLL change."""
+    groups = stream_groups(runs)
+    if not groups:
+        return "(no point was run on several streams)"
+    lines = ["| point | streams | new F1 gain | known F1 rel. change | prose NLL change |", "|---|---|---|---|---|"]
+    for point, members in groups.items():
+        cols = []
+        for key, kind in (("new_facts/f1", "abs"), ("known_facts/f1", "rel"), ("heldout_text/nll", "abs")):
+            cols.append(_mean_sd([v for _, s in members if (v := _delta(s, key, kind)) is not None]))
+        lines.append(f"| {point} | {len(members)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def headline(runs: list[tuple[str, dict]]) -> list[str]:
+    """Issue 17's comparison on the config's stream: the best sparse run (highest new-fact F1) against the best
+    full-finetuning and LoRA runs, with the forgetting ratios the criterion names. Facts, not a verdict shaped
+    to pass: every number is read from the runs' summaries."""
+    main = [(n, s) for n, s in runs if not STREAM.match(n)]
+    best = {}
+    for method in ("sparse", "full", "lora"):
+        cands = [(s["metrics"]["new_facts/f1"]["after"], n, s) for n, s in main
+                 if s["method"] == method and "new_facts/f1" in s["metrics"]]
+        if cands:
+            best[method] = max(cands, key=lambda c: c[0])
+    if "sparse" not in best:
+        return ["(no sparse run)"]
+    f1, name, s = best["sparse"]
+    known, prose = _delta(s, "known_facts/f1", "rel"), _delta(s, "heldout_text/nll", "abs")
+    out = [f"- best sparse run: {name}: new F1 {fmt(f1)}, known F1 {fmt(known and 100 * known, 1)}%, prose NLL "
+           f"{fmt(prose)} nats"]
+    for method in ("full", "lora"):
+        if method not in best:
+            continue
+        f1_b, name_b, s_b = best[method]
+        known_b, prose_b = _delta(s_b, "known_facts/f1", "rel"), _delta(s_b, "heldout_text/nll", "abs")
+        ratio = (known / known_b) if known is not None and known_b not in (None, 0) else None
+        pratio = (prose / prose_b) if prose is not None and prose_b not in (None, 0) else None
+        out.append(f"- best {method} run: {name_b}: new F1 {fmt(f1_b)} (sparse - {method}: {f1 - f1_b:+.3f}), known F1 "
+                   f"{fmt(known_b and 100 * known_b, 1)}% (sparse/{method} drop ratio {fmt(ratio, 2)}), prose NLL "
+                   f"{fmt(prose_b)} (ratio {fmt(pratio, 2)})")
+    return out
 
 
 HEALTH_KEYS = ["slots_read_frac", "usage_entropy", "usage_entropy_max", "topk_exp_entropy", "new_answer_weight_low_df",
@@ -219,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{' --quick' if args.quick else ''}`; {args.nproc} ranks, torchrun, gloo). This run took {total / 60:.1f} min"
         f" ({', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items())}; a cached stage is only checked).", "",
         "## Learning vs forgetting (before → after finetuning, relative change)", "", table(runs), "",
+        "## The best run of each method (the config's stream)", "", *headline(runs), "",
+        "## Over the new-fact streams (mean ± sd)", "", stream_table(runs), "",
         "new F1: greedy QA F1 on the learned facts; known F1: facts the base was pretrained on (the stand-in for "
         "NaturalQuestions); prose NLL: held-out prose never trained on; GSM8K NLL of gold solutions; HellaSwag acc_norm.",
         "", "## Memory health of the base", "", *health_lines(health), "", "## Memory diagnostics", "",
@@ -233,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     ])
     (out / "results.md").write_text(results)
     print("\n" + table(runs))
+    print("\n" + "\n".join(headline(runs)) + "\n\nover the new-fact streams (mean ± sd):\n" + stream_table(runs))
     print(f"\nwrote {out / 'results.md'}" + "".join(f", {p}" for p in plots))
     print(f"TensorBoard logs: tensorboard --logdir {out}")
     print(f"demo finished in {total / 60:.1f} min")
