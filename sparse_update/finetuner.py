@@ -333,12 +333,26 @@ class SparseMemoryFinetuner(ReferenceFinetunerAPI):
             return 0.0
         if not self._grad_synced:
             self.sync_gradients()
+        return float(self.masked_grad_sq_norm())
+
+    @torch.no_grad()
+    def masked_grad_sq_norm(self) -> Tensor:
+        """Squared L2 norm of the values gradient as it stands (a dense one summed over the selected rows, a
+        sparse one over the rows it holds): a 0-dim float64 tensor on the table's device -- no host sync, no
+        collective, no mask or sync of its own. Read once the mask and row sync ran (e.g. from an optimizer
+        step pre-hook registered after attach()'s), it is the norm of the gradient the step applies, the same
+        on every rank."""
         grad = self._values.grad
         if grad is None:
-            return 0.0
-        # after the sync only the selected rows are nonzero: sum over them, not over all N rows
-        rows = grad.coalesce().values() if grad.is_sparse else grad.index_select(0, self._require_selection().to(grad.device))
-        return float(torch.linalg.vector_norm(rows, dtype=torch.float64) ** 2)
+            return torch.zeros((), dtype=torch.float64, device=self._values.device)
+        if grad.is_sparse:
+            rows = grad.coalesce().values()
+        elif self.args.enabled and self._trainable is not None:
+            # masked: only the selected rows are nonzero, so sum over them, not over all N rows
+            rows = grad.index_select(0, self._trainable.to(grad.device))
+        else:
+            rows = grad
+        return torch.linalg.vector_norm(rows, dtype=torch.float64) ** 2
 
     def _masked_in_place(self, grad: Tensor, rows: Tensor) -> Tensor:
         if grad.is_sparse:

@@ -114,7 +114,9 @@ class Stepper:
 
     forward (logits + memory indices) -> select (counts all-reduced, ranked, top-t) -> backward -> clip
     (one global norm over the dense parameters and the values lane) -> step (strategy, then the values lane,
-    whose optimizer pre-hook masks and row-syncs the values gradient)."""
+    whose optimizer pre-hook masks and row-syncs the values gradient). Only a clip (optim.grad_clip > 0)
+    needs the values norm before the step, and only then are the rows synced early; without one the logged
+    train/grad_norm takes the values part from the lane after its pre-hook's sync."""
 
     def __init__(self, *, config, strategy, finetuner: SparseMemoryFinetuner | None, values_lane: ValuesLane | None,
                  device: torch.device, total_steps: int) -> None:
@@ -159,13 +161,21 @@ class Stepper:
         self.strategy.backward(objective)
         # ---- clip: one norm over both lanes (the values lane's is the same on every rank once synced)
         lr = lr_at(self.config, step, self.total_steps)
-        values_sq = self.values_lane.grad_sq_norm() if self.values_lane is not None else 0.0
-        grad_norm = math.sqrt(self.strategy.grad_norm_sq() + values_sq)
-        clip = self.config.optim.grad_clip
-        coef = min(1.0, clip / (grad_norm + 1e-6)) if clip > 0 else 1.0
-        # ---- step
+        lane, clip = self.values_lane, self.config.optim.grad_clip
+        dense_sq = self.strategy.grad_norm_sq()
+        coef, values_sq = 1.0, None
+        if clip > 0 and lane is not None:     # the coefficient needs the values norm now: the rows sync early
+            values_sq = lane.grad_sq_norm()
+        if clip > 0:
+            coef = min(1.0, clip / (math.sqrt(dense_sq + (values_sq or 0.0)) + 1e-6))
+        # ---- step (without a clip the values lane's pre-hook syncs and the norm is read after it)
         self.strategy.step(clip_coef=coef, lr=lr)
-        capped = self.values_lane.step(lr=lr, clip_coef=coef) if self.values_lane is not None else 0
+        capped = 0
+        if lane is not None:
+            capped = lane.step(lr=lr, clip_coef=coef, measure_norm=values_sq is None)
+            if values_sq is None:
+                values_sq = float(lane.applied_sq_norm)    # after the update is queued: no stall before it
+        grad_norm = math.sqrt(dense_sq + (values_sq or 0.0))
         elapsed = time.perf_counter() - t0
         per_token = loss.item() / (max(num_loss_tokens, 1) * world if self.config.optim.loss_reduction == "sum" else 1)
         metrics = {"train/loss": per_token, "train/lr": lr, "train/grad_norm": grad_norm,

@@ -69,7 +69,7 @@ def test_only_the_selected_rows_move_and_the_dense_weights_stay(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     syncs = count_syncs(finetuner, monkeypatch)
     metrics = stepper.step(batch, 0)
-    assert len(syncs) == 1                                 # once per step: the clip norm's, the hook finds it done
+    assert len(syncs) == 1                                 # once per step: the optimizer pre-hook's (no clip)
     changed = (model.memory_values != before["memory_values"]).any(1).nonzero().flatten()
     selected = set(finetuner.trainable_indices.tolist())
     assert len(selected) == 6 and 0 < changed.numel() <= 6 and set(changed.tolist()) <= selected
@@ -117,6 +117,25 @@ def test_without_a_clip_norm_the_optimizer_pre_hook_alone_masks(monkeypatch):
     assert len(syncs) == 1 and model.memory_values.grad is None
     changed = set((model.memory_values != start).any(1).nonzero().flatten().tolist())
     assert changed and changed <= set(finetuner.trainable_indices.tolist())
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_the_rows_sync_early_only_when_a_clip_needs_the_norm(clip, monkeypatch):
+    """Without a clip the values norm is not asked for before the step: the optimizer pre-hook alone masks and
+    syncs, and the logged grad_norm is read after it (the same number). With a clip the coefficient needs the
+    norm first: the sync runs early, once, and the pre-hook finds it done."""
+    _, _, finetuner, stepper, batch = setup(clip=clip)
+    early, syncs = [], count_syncs(finetuner, monkeypatch)
+    original = finetuner.grad_sq_norm
+    monkeypatch.setattr(finetuner, "grad_sq_norm", lambda: (early.append(len(syncs)), original())[1])
+    metrics = stepper.step(batch, 0)
+    assert len(syncs) == 1
+    assert early == ([0] if clip > 0 else [])              # asked before any sync, only for a clip
+    lane = stepper.values_lane
+    if clip > 0:
+        assert lane.applied_sq_norm is None                # the early norm was used, nothing measured twice
+    else:                                                  # the metric is the norm read after the hook's sync
+        assert float(lane.applied_sq_norm) == pytest.approx(metrics["train/grad_norm"] ** 2, rel=1e-9)
 
 
 @pytest.mark.parametrize("stage,method,expect", [
