@@ -34,6 +34,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from data_pipeline.batch import Batch, pad_rows
+from data_pipeline.item_stream import ItemStream
 from data_pipeline.atomic import atomic_write
 from data_pipeline.records import DocumentRecord, QARecord, SimpleQARecord, dedupe
 from data_pipeline.sources import DataError
@@ -184,9 +185,11 @@ def augment(chunk: Chunk, *, num: int, seed: int) -> list[str]:
     return out
 
 
-class DocumentStream:
+class DocumentStream(ItemStream):
     """Yields one :class:`Batch` per chunk (``fact_id`` = chunk id), chunks in document order,
-    ``num_passes`` times; ``num_augmentations`` rows per batch padded to ``seq_len``."""
+    ``num_passes`` times; ``num_augmentations`` rows per batch padded to ``seq_len``. ``state_dict()`` /
+    ``load_state_dict()`` save and restore the position for resume (:class:`ItemStream`)."""
+    unit, id_name = "chunks", "chunk"
 
     def __init__(
         self,
@@ -206,41 +209,16 @@ class DocumentStream:
             raise ValueError(f"need num_augmentations >= 1, seq_len >= 2, num_passes >= 1 (got {num_augmentations}, {seq_len}, {num_passes})")
         self.documents = list(documents)
         self.chunks = chunk_documents(self.documents, max_chars=max_chunk_chars, min_chars=min_chunk_chars)
+        super().__init__(self.chunks, num_passes=num_passes)
         self.questions = [q for d in self.documents for q in d.questions]
         self.tokenizer = tokenizer
         self.num_augmentations = num_augmentations
         self.seq_len = seq_len
         self.seed = seed
-        self.num_passes = num_passes
-        self.position = 0
-
-    def __len__(self) -> int:
-        return len(self.chunks) * self.num_passes
 
     def batch_for(self, chunk: Chunk) -> Batch:
         rows = self.tokenizer.encode_batch(augment(chunk, num=self.num_augmentations, seed=self.seed), bos=True, eos=True)
         return pad_rows(rows, seq_len=self.seq_len, pad_id=self.tokenizer.pad_id, fact_id=chunk.id)
-
-    def __iter__(self) -> DocumentStream:
-        return self
-
-    def __next__(self) -> Batch:
-        if self.position >= len(self):
-            raise StopIteration
-        batch = self.batch_for(self.chunks[self.position % len(self.chunks)])
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "num_chunks": len(self.chunks), "first_chunk_id": self.chunks[0].id}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("num_chunks") != len(self.chunks) or state.get("first_chunk_id") != self.chunks[0].id:
-            raise ValueError(f"DocumentStream state is for {state.get('num_chunks')} chunks starting at {state.get('first_chunk_id')!r}, "
-                             f"this stream has {len(self.chunks)} starting at {self.chunks[0].id!r}")
-        if not 0 <= int(state["position"]) <= len(self):
-            raise ValueError(f"DocumentStream position {state['position']} out of range 0..{len(self)}")
-        self.position = int(state["position"])
 
 
 # -------------------------------------------------------------------------------------- stand-in

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.batch import Batch, pad_rows
+from data_pipeline.item_stream import ItemStream
 from data_pipeline.records import QARecord
 from data_pipeline.sources import DataError
 from data_pipeline.tokenizer import Tokenizer
@@ -138,13 +139,14 @@ def _rotated(items: list[str], offset: int, *, pin_first: bool) -> list[str]:
     return head + rest
 
 
-class FactStream:
+class FactStream(ItemStream):
     """Yields one :class:`Batch` per fact, in the order of ``records``, ``num_passes`` times.
 
     Each batch holds ``num_paraphrases`` statements of the same fact, right-padded to ``seq_len``
     (tokens/labels aligned as in :mod:`data_pipeline.batch`; rows are ``[bos] + statement + [eos]``).
-    ``state_dict()`` / ``load_state_dict()`` save and restore the position for resume.
+    ``state_dict()`` / ``load_state_dict()`` save and restore the position for resume (:class:`ItemStream`).
     """
+    unit, id_name = "facts", "fact"
 
     def __init__(
         self,
@@ -165,16 +167,12 @@ class FactStream:
         if len(set(ids)) != len(ids):
             raise ValueError("fact ids must be unique")
         self.records = list(records)
+        super().__init__(self.records, num_passes=num_passes)
         self.tokenizer = tokenizer
         self.num_paraphrases = num_paraphrases
         self.seq_len = seq_len
         self.seed = seed
-        self.num_passes = num_passes
         self.paraphrases = load_paraphrases(paraphrase_file) if paraphrase_file is not None else {}
-        self.position = 0
-
-    def __len__(self) -> int:
-        return len(self.records) * self.num_passes
 
     def statements(self, record: QARecord) -> list[str]:
         """The ``num_paraphrases`` statements used for ``record`` (see the module docstring)."""
@@ -196,24 +194,3 @@ class FactStream:
                 answer_mask[i, start - 1:min(end - 1, self.seq_len)] = True
         answer_mask &= batch.padding_mask
         return dataclasses.replace(batch, answer_mask=answer_mask)
-
-    def __iter__(self) -> FactStream:
-        return self
-
-    def __next__(self) -> Batch:
-        if self.position >= len(self):
-            raise StopIteration
-        batch = self.batch_for(self.records[self.position % len(self.records)])
-        self.position += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "num_facts": len(self.records), "first_fact_id": self.records[0].id}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("num_facts") != len(self.records) or state.get("first_fact_id") != self.records[0].id:
-            raise ValueError(f"FactStream state is for {state.get('num_facts')} facts starting at {state.get('first_fact_id')!r}, "
-                             f"this stream has {len(self.records)} starting at {self.records[0].id!r}")
-        if not 0 <= int(state["position"]) <= len(self):
-            raise ValueError(f"FactStream position {state['position']} out of range 0..{len(self)}")
-        self.position = int(state["position"])
