@@ -15,13 +15,14 @@ from data_pipeline.records import (
     TextRecord,
 )
 from data_pipeline.sources import SOURCE_KINDS, DataError, load_source
-from data_pipeline.tokenizer import TINY_TOKENIZER, Tokenizer, find_package_file, resolve_path, train_tokenizer
+from data_pipeline.hf_tokenizer import HFTokenizer
+from data_pipeline.tokenizer import TINY_TOKENIZER, Tokenizer, find_package_file, load_tokenizer, resolve_path, train_tokenizer
 
 __all__ = [
     "Batch", "IGNORE_INDEX", "pad_rows", "concat_batches",
     "QARecord", "TextRecord", "HellaSwagRecord", "GSM8KRecord", "SimpleQARecord", "DocumentRecord",
     "load_source", "DataError", "SOURCE_KINDS",
-    "Tokenizer", "train_tokenizer", "find_package_file", "resolve_path", "TINY_TOKENIZER",
+    "Tokenizer", "HFTokenizer", "load_tokenizer", "train_tokenizer", "find_package_file", "resolve_path", "TINY_TOKENIZER",
     "SAMPLES_DIR", "PAPER_TOKENIZER",
 ]
 

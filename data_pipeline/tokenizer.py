@@ -1,5 +1,8 @@
 """SentencePiece tokenizer wrapper, deterministic BPE training, and package-file lookup.
 
+- ``load_tokenizer(spec)`` is what callers use: a sentencepiece ``.model`` -> :class:`Tokenizer`;
+  ``"gguf:<path>"`` (or any GGUF file) -> the tokenizer in the GGUF's metadata, ``tokenizer.json`` or a
+  local HF model directory -> HF ``tokenizers`` (:class:`data_pipeline.hf_tokenizer.HFTokenizer`, same interface).
 - ``Tokenizer(path)`` loads any sentencepiece ``.model``. ``path`` may also be ``"pkg:<package>/<relpath>"``
   (e.g. ``"pkg:mistral_common/data/tokenizer.model.v1"``, the Llama-2-style 32k BPE the paper configs
   use), resolved with :func:`find_package_file` without importing the package.
@@ -24,7 +27,7 @@ import sentencepiece as spm
 
 from data_pipeline.atomic import atomic_write
 
-__all__ = ["Tokenizer", "train_tokenizer", "find_package_file", "resolve_path", "TINY_TOKENIZER"]
+__all__ = ["Tokenizer", "load_tokenizer", "split_tokenizer_spec", "split_after_prompt", "train_tokenizer", "find_package_file", "resolve_path", "TINY_TOKENIZER"]
 
 TINY_TOKENIZER = Path(__file__).resolve().parent / "tokenizers" / "tiny_bpe.model"
 # sentencepiece silently drops training "sentences" longer than max_sentence_length bytes, so long
@@ -73,7 +76,11 @@ class Tokenizer:
         self.path = resolve_path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer model {self.path} not found (the tiny one is committed at {TINY_TOKENIZER}; data/ ones come from `make data`)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{self.path} is not a sentencepiece model ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                             "use a .model file, gguf:<path>, a tokenizer.json or a HF model directory") from None
         self.vocab_size: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
@@ -98,12 +105,7 @@ class Tokenizer:
         after the prompt's own tokens; if the boundary merged into one piece, the shared prefix is
         used. For ``eval_prompt(q)`` + ``" " + answer`` the split is exact with both shipped tokenizers.
         """
-        full = self.encode(prompt + continuation, bos=bos)
-        head = self.encode(prompt, bos=bos)
-        n = 0
-        while n < min(len(head), len(full)) and head[n] == full[n]:
-            n += 1
-        return full[:n], full[n:]
+        return split_after_prompt(self.encode(prompt + continuation, bos=bos), self.encode(prompt, bos=bos))
 
     def decode(self, ids: Iterable[int]) -> str:
         special = {self.bos_id, self.eos_id, self.pad_id}
@@ -111,6 +113,54 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+def split_after_prompt(full: list[int], head: list[int]) -> tuple[list[int], list[int]]:
+    """``full`` (ids of prompt + continuation) cut after its longest common prefix with ``head`` (the
+    prompt's own ids): exactly ``(head, rest)`` when the boundary did not merge into one piece."""
+    n = 0
+    while n < min(len(head), len(full)) and head[n] == full[n]:
+        n += 1
+    return full[:n], full[n:]
+
+
+def split_tokenizer_spec(spec: str | os.PathLike) -> tuple[str | None, str]:
+    """``"gguf:<path>"`` -> ``("gguf", "<path>")``; anything else -> ``(None, spec)`` (kind found from the file)."""
+    s = str(spec)
+    if s.startswith("gguf:"):
+        rest = s[len("gguf:"):]
+        if not rest:
+            raise ValueError("bad tokenizer spec 'gguf:'; expected gguf:<path to .gguf> or gguf:pkg:<package>/<relpath>")
+        return "gguf", rest
+    return None, s
+
+
+def load_tokenizer(spec: str | os.PathLike, *, kind: str | None = None):
+    """The tokenizer a spec names: :class:`Tokenizer` or :class:`~data_pipeline.hf_tokenizer.HFTokenizer`.
+
+    ``spec``: ``"gguf:<path or pkg:package/relpath>"`` -> the GGUF's own tokenizer; a directory -> its
+    ``tokenizer.json`` (a local HF model); a ``.json`` file -> that ``tokenizer.json``; a file starting
+    with the GGUF magic -> GGUF; anything else (``.model``, ``pkg:...model.v1``) -> sentencepiece.
+    ``kind="gguf"`` forces GGUF for a path whose prefix was already split off (:func:`split_tokenizer_spec`).
+    Errors are one line (FileNotFoundError / ValueError) naming the file.
+    """
+    if kind is None:
+        kind, rest = split_tokenizer_spec(spec)
+        path = resolve_path(rest)
+    else:
+        path = resolve_path(spec)
+    if kind not in (None, "gguf"):
+        raise ValueError(f"unknown tokenizer kind {kind!r}; use gguf:<path>, a tokenizer.json, a HF model directory or a .model")
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {path} not found (gguf:pkg:<package>/<file> for a GGUF in an installed package; "
+                                "data/ tokenizers come from `make data`)")
+    from data_pipeline.hf_tokenizer import HFTokenizer, is_gguf_file
+
+    if kind == "gguf" or (path.is_file() and path.suffix != ".json" and is_gguf_file(path)):
+        return HFTokenizer.from_gguf(path)
+    if path.is_dir() or path.suffix == ".json":
+        return HFTokenizer.from_tokenizer_json(path)
+    return Tokenizer(path)
 
 
 def _split_long(text: str, max_chars: int = _MAX_PIECE_CHARS) -> Iterator[str]:
