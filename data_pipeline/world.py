@@ -166,12 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     for key, value in asdict(defaults).items():
         parser.add_argument(f"--{key}", type=int, default=value)
     parser.add_argument("--tokenizer", default="data_pipeline/tokenizers/tiny_bpe.model",
-                        help="checked: every name part and answer must be one token")
+                        help="checked: every name part and answer must be one token (a .model, gguf:<path>, tokenizer.json or HF model dir)")
     args = parser.parse_args(argv)
     spec = WorldSpec(**{k: getattr(args, k) for k in asdict(defaults)})
     try:
-        from data_pipeline.tokenizer import Tokenizer
-        check_single_tokens(Tokenizer(args.tokenizer))
+        from data_pipeline.tokenizer import load_tokenizer
+        check_single_tokens(load_tokenizer(args.tokenizer))
         meta = write_world(args.out, spec)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import Tokenizer, load_source, resolve_path
+from data_pipeline.hf_tokenizer import HFTokenizer
+from data_pipeline.tokenizer import load_tokenizer as load_tokenizer_spec
+from data_pipeline.tokenizer import split_tokenizer_spec
 from data_pipeline.documents import DocumentStream, load_documents
 from data_pipeline.facts import FactStream
 from data_pipeline.lm_stream import LMStream, MixedStream, StatementStream, load_texts
@@ -28,9 +31,19 @@ def data_path(path: str, *, key: str) -> Path:
     raise ValueError(f"config key '{key}': {path} does not exist (run `make data` for data/ files)")
 
 
-def load_tokenizer(config, vocab_size: int) -> Tokenizer:
-    path = data_path(config.data.tokenizer, key="data.tokenizer")
-    tok = Tokenizer(path)
+def load_tokenizer(config, vocab_size: int) -> Tokenizer | HFTokenizer:
+    """The tokenizer ``data.tokenizer`` names (a sentencepiece ``.model``, ``gguf:<path or pkg:...>``, a
+    ``tokenizer.json`` or a HF model directory; see :func:`data_pipeline.tokenizer.load_tokenizer`), checked
+    against the model's vocab_size. Errors are one line naming the key."""
+    try:
+        kind, rest = split_tokenizer_spec(config.data.tokenizer)
+    except ValueError as e:
+        raise ValueError(f"config key 'data.tokenizer': {e}") from None
+    path = data_path(rest, key="data.tokenizer")
+    try:
+        tok = load_tokenizer_spec(path, kind=kind)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"config key 'data.tokenizer': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if tok.vocab_size != vocab_size:
         raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{vocab_size}; set --model.vocab_size={tok.vocab_size} or use the matching tokenizer")
