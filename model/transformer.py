@@ -44,16 +44,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads: one fused projection whose output rows are the
+    queries (n_heads x head_dim), then the keys and the values (n_kv_heads x head_dim each); each key/value
+    head serves n_heads / n_kv_heads consecutive query heads."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_heads = config.n_heads
-        self.head_dim = config.dim // config.n_heads
-        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.n_kv_heads = config.kv_heads
+        self.head_dim = config.head_dim
+        self.wqkv = nn.Linear(config.dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+                              bias=config.attn_qkv_bias)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None) -> Tensor:
         batch, seq, dim = x.shape
-        q, k, v = self.wqkv(x).view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.wqkv(x)
+        if self.n_kv_heads == self.n_heads:
+            q, k, v = qkv.view(batch, seq, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                 self.n_kv_heads * self.head_dim], dim=-1)
+            q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+            # each key/value head serves n_heads / n_kv_heads consecutive query heads
+            k, v = (t.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+                    .repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -74,13 +89,17 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """Attention, then the FFN; a memory block replaces the FFN by the memory (memory_mode "replace") or
+    adds the memory's output beside it (memory_mode "parallel": h + ffn(norm(h)) + memory(norm(h)))."""
+
     def __init__(self, config: ModelConfig, *, use_memory: bool) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.dim, eps=config.norm_eps)
         self.memory = ProductKeyMemory(config.dim, config.memory) if use_memory else None
-        self.feed_forward = None if use_memory else FeedForward(config.dim, config.ffn_hidden)
+        keep_ffn = not use_memory or config.memory_mode == "parallel"
+        self.feed_forward = FeedForward(config.dim, config.ffn_hidden) if keep_ffn else None
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None,
                 values: Tensor | None, padding_mask: Tensor | None,
@@ -88,7 +107,11 @@ class Block(nn.Module):
         h = h + self.attention(self.attention_norm(h), cos, sin, attn_mask)
         if self.memory is None:
             return h + self.feed_forward(self.ffn_norm(h)), None
-        out, indices = self.memory(self.ffn_norm(h), values, padding_mask, balance)
+        x = self.ffn_norm(h)
+        out, indices = self.memory(x, values, padding_mask, balance)
+        if self.feed_forward is not None:
+            # (h + ffn) first: with a zero memory output the block is bit-identical to the dense one
+            return h + self.feed_forward(x) + out, indices
         return h + out, indices
 
 
@@ -114,7 +137,7 @@ class Transformer(nn.Module):
         batch, seq = tokens.shape
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.config.max_seq_len}")
-        cos, sin = rope_tables(seq, self.config.dim // self.config.n_heads, self.config.rope_theta, tokens.device)
+        cos, sin = rope_tables(seq, self.config.head_dim, self.config.rope_theta, tokens.device)
         attn_mask = None
         if padding_mask is not None:
             padding_mask = padding_mask.bool()
