@@ -30,9 +30,12 @@ config sections and keys (defaults):
 
 
 def _train(config: str | None = None, **overrides) -> None:
+    from training import faults
     from training.config import resolve_config, with_deepspeed_default
     from training.trainer import run
-    run(with_deepspeed_default(resolve_config(config, overrides), DEEPSPEED_CONFIGS))
+    # the reliability tests inject faults into a torchrun subprocess through SMF_FAULT (read here, once)
+    callbacks = faults.from_env()
+    run(with_deepspeed_default(resolve_config(config, overrides), DEEPSPEED_CONFIGS), callbacks=callbacks)
 
 
 def main(argv: list[str]) -> int:

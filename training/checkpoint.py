@@ -16,6 +16,7 @@ found. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save
 
 from evaluation.summary import write_bytes_atomic
 from training import distributed as D
-from training import faults
+from training.callbacks import Callbacks, as_callbacks
 
 PREFIX = "step_"
 MANIFEST = "COMPLETE.json"
@@ -156,7 +157,8 @@ def read_trainer_state(ckpt: Path) -> dict:
 def save_checkpoint(run_dir: str | Path, step: int, *, strategy, values: torch.Tensor | None,
                     values_optimizer: torch.optim.Optimizer | None, sparse_state: dict | None,
                     trainer_state: dict, rank_state: dict, dist_info, keep_latest: int,
-                    run_state: dict | None = None) -> Path:
+                    run_state: dict | None = None, callbacks: Callbacks | None = None) -> Path:
+    callbacks = as_callbacks(callbacks)
     ckpt_dir = Path(run_dir) / "checkpoints"
     final = ckpt_dir / f"{PREFIX}{step:06d}"
     tmp = ckpt_dir / f"{PREFIX}{step:06d}.tmp"
@@ -166,8 +168,7 @@ def save_checkpoint(run_dir: str | Path, step: int, *, strategy, values: torch.T
         tmp.mkdir(parents=True)
     D.barrier()
     strategy.save(str(tmp / "sharded"))
-    if faults.active("crash_in_save", step, dist_info.rank):
-        os._exit(9)
+    callbacks.in_save(step)
     ranks = D.all_gather_objects(rank_state)
     if dist_info.is_main:
         if values is not None:
@@ -183,16 +184,15 @@ def save_checkpoint(run_dir: str | Path, step: int, *, strategy, values: torch.T
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))   # last: complete
-        _swap_into_place(tmp, final)
+        _swap_into_place(tmp, final, callbacks)
         for old in list_checkpoints(run_dir)[:-keep_latest]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()
-    if faults.active("crash_after_save", step, dist_info.rank):
-        os._exit(9)
+    callbacks.after_save(step)
     return final
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
+def _swap_into_place(tmp: Path, final: Path, callbacks: Callbacks) -> None:
     """tmp -> final. An existing final is moved to final.old first (list_checkpoints still finds it), and
     deleted only once the new copy is in place: a kill at any point leaves a complete checkpoint listed."""
     if not final.exists():
@@ -202,8 +202,7 @@ def _swap_into_place(tmp: Path, final: Path) -> None:
     if old.exists():
         shutil.rmtree(old)
     os.replace(final, old)
-    if faults.active("crash_in_swap", _step_of(final) or 0, 0):
-        os._exit(9)
+    callbacks.in_swap(_step_of(final) or 0)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -248,6 +247,60 @@ def load_values(ckpt: Path, values: torch.Tensor, values_optimizer: torch.optim.
 def load_sparse_state(ckpt: Path) -> dict | None:
     path = ckpt / "sparse.safetensors"
     return load_tree(path) if path.is_file() else None
+
+
+# ---- what a run reports besides the weights (run_state.safetensors) -------------------------------
+@dataclasses.dataclass
+class Progress:
+    """What the loop accumulates; a checkpoint saves it (`progress_state`) and a resume puts it back
+    (`restore_progress`)."""
+    step: int = 0
+    metrics: dict = dataclasses.field(default_factory=dict)
+    updated: torch.Tensor | None = None          # every row any step selected (updated_rows.safetensors)
+    selections: list | None = None               # (step, fact id, rows) per finetune step (selections.safetensors)
+    diagnostics: Any = None                      # training.diagnostics.FactDiagnostics of a fact finetune
+    diag_before: dict | None = None
+
+
+def progress_state(progress: Progress) -> dict:
+    """The run_state a checkpoint stores for `progress`."""
+    state: dict[str, Any] = {"last_train_loss": progress.metrics.get("train/loss")}
+    if progress.updated is not None:
+        state["updated"] = progress.updated
+    if progress.selections is not None:
+        state["selections"] = selections_tree(progress.selections)
+    if progress.diagnostics is not None:
+        state["diagnostics"] = progress.diagnostics.state_dict(progress.diag_before)
+    return state
+
+
+def restore_progress(progress: Progress, state: dict | None) -> None:
+    """Put a resumed run's run_state back into `progress`, which is built for this stage (what it does not
+    track is not restored). Without stored diagnostics `diag_before` stays None: the caller measures it."""
+    if not state:
+        return
+    if progress.diagnostics is not None and "diagnostics" in state:
+        progress.diag_before = progress.diagnostics.load_state_dict(state["diagnostics"])
+    if progress.updated is not None and "updated" in state:
+        progress.updated |= state["updated"].to(torch.bool)
+    if progress.selections is not None and "selections" in state:
+        progress.selections = selections_list(state["selections"])
+    if state.get("last_train_loss") is not None:
+        progress.metrics["train/loss"] = state["last_train_loss"]
+
+
+def selections_tree(selections: list[tuple[int, str, torch.Tensor]]) -> dict:
+    """Per-step selections as flat tensors: step s's rows are rows[offsets[s]:offsets[s+1]]."""
+    sizes = torch.tensor([0] + [r.numel() for _, _, r in selections], dtype=torch.int64)
+    return {"rows": torch.cat([r for _, _, r in selections]) if selections else torch.zeros(0, dtype=torch.int32),
+            "offsets": sizes.cumsum(0), "steps": torch.tensor([s for s, _, _ in selections], dtype=torch.int64),
+            "fact_ids": [f for _, f, _ in selections]}
+
+
+def selections_list(tree: dict) -> list[tuple[int, str, torch.Tensor]]:
+    off = tree["offsets"].tolist()
+    return [(int(s), f, tree["rows"][off[i]:off[i + 1]])
+            for i, (s, f) in enumerate(zip(tree["steps"].tolist(), tree["fact_ids"]))]
 
 
 def restore(run_dir: Path, config, dist_info, *, strategy, values, values_optimizer, finetuner, stream, log,

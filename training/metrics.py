@@ -78,3 +78,17 @@ def memory_scalars() -> dict[str, Any]:
         out["memory/cuda_allocated_gb"] = torch.cuda.memory_allocated() / 1024 ** 3
         out["memory/cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1024 ** 3
     return out
+
+
+def progress_bar(config, dist_info, total: int, initial: int):
+    """Rank 0's tqdm bar over a stage's steps (None on other ranks or with logging.progress off)."""
+    if not (dist_info.is_main and config.logging.progress):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=config.stage, dynamic_ncols=True, mininterval=2.0)
+
+
+def print_main(dist_info, message: str) -> None:
+    """One console line from rank 0."""
+    if dist_info.is_main:
+        print(message, flush=True)

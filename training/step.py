@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from torch import nn
 from data_pipeline import IGNORE_INDEX
 from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs
 from training import distributed as D
+from training.callbacks import Callback, as_callbacks
 from training.values_lane import ValuesLane
 
 
@@ -29,6 +30,7 @@ class Plan:
     train_values: bool
     values_sgd: bool         # values by plain SGD (sparse grads) vs AdamW (dense grads)
     sparse_args: SparseMemoryFinetuningArgs
+    memory_only: bool = False  # of the dense parameters only the memory layers' (optim.trainable=memory)
 
 
 # Each method as data: (train_dense, train_lora, train_values, values_sgd, finetuner mode or None).
@@ -56,7 +58,8 @@ def make_plan(config) -> Plan:
         args = SparseMemoryFinetuningArgs(
             enabled=True, top_t=config.sparse.top_t, count_exchange=config.sparse.count_exchange,
             ranking="tf" if key == "tf_only" else config.sparse.ranking)
-    return Plan(train_dense, train_lora, train_values, values_sgd, args)
+    return Plan(train_dense, train_lora, train_values, values_sgd, args,
+                memory_only=config.stage == "pretrain" and config.optim.trainable == "memory")
 
 
 def set_trainable(model: nn.Module, plan: Plan, lora_names: set[str]) -> None:
@@ -66,7 +69,8 @@ def set_trainable(model: nn.Module, plan: Plan, lora_names: set[str]) -> None:
         if p is values:
             p.requires_grad_(plan.train_values)
         else:
-            p.requires_grad_(plan.train_dense or (plan.train_lora and name in lora_names))
+            dense = plan.train_dense and (not plan.memory_only or ".memory." in name)
+            p.requires_grad_(dense or (plan.train_lora and name in lora_names))
 
 
 def optimizer_factory(config, *, sgd: bool, values: bool = False):
@@ -119,14 +123,15 @@ class Stepper:
     train/grad_norm takes the values part from the lane after its pre-hook's sync."""
 
     def __init__(self, *, config, strategy, finetuner: SparseMemoryFinetuner | None, values_lane: ValuesLane | None,
-                 device: torch.device, total_steps: int) -> None:
+                 device: torch.device, total_steps: int, callbacks: Iterable[Callback] | None = None) -> None:
         self.config, self.strategy, self.finetuner, self.values_lane = config, strategy, finetuner, values_lane
         self.device, self.total_steps = device, total_steps
+        self.callbacks = as_callbacks(callbacks)     # on_loss(step, loss) -> the loss trained on
         if finetuner is not None and finetuner.args.enabled and finetuner.args.dense_output:
             dense_values_gradient(strategy.module)
 
 
-    def step(self, batch, step: int, *, nan_fault: bool = False) -> dict[str, Any]:
+    def step(self, batch, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         tokens = batch.tokens.to(self.device)
         mask = batch.padding_mask.to(self.device)
@@ -153,8 +158,7 @@ class Stepper:
         if balance_weight > 0:
             split["train/balance_loss"] = float(out.balance_loss)
             objective = loss + balance_weight * out.balance_loss
-        if nan_fault:
-            objective = objective * float("nan")
+        objective = self.callbacks.on_loss(step + 1, objective)
         # a non-finite loss on any rank stops every rank together, before any update
         if D.all_reduce_max(0.0 if torch.isfinite(objective).item() else 1.0) > 0:
             return {"train/loss": float("nan")}

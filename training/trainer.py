@@ -1,36 +1,35 @@
 """One stage of a run: set-up, checkpoint restore, the loop, evaluation, summary.
 
-`recipes/train.py` calls `run(config)`; this module reads top to bottom in the order of DESIGN.md 7.2:
-init distributed -> build on meta -> parallelize -> init weights -> optimizer + hooks -> load
-checkpoint -> loop -> close.
+`recipes/train.py` calls `run(config, callbacks=...)`; this module reads top to bottom in the order of
+DESIGN.md 7.2: init distributed -> build on meta -> parallelize -> init weights -> optimizer + hooks -> load
+checkpoint -> loop -> close. The background stage (training/background_stage.py), the cached evaluation
+before finetuning (training/eval_cache.py) and the checkpoint restore (training/checkpoint.py) are modules
+of their own; callers observe or perturb a stage through callbacks (training/callbacks.py).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import yaml
 
 from evaluation import build_summary, write_summary
-from data_pipeline.facts import eval_prompt
-from evaluation.memory_diagnostics import (HIGH_DF_FRACTION, ReadRecorder, memory_health,
-                                          memory_reliance, prompt_reads, usage_stats)
 from sparse_update import SparseMemoryFinetuner
 from training import checkpoint as C
-from training import faults, signals
+from training import eval_cache, signals
 from training import distributed as D
+from training.background_stage import run_background
+from training.callbacks import Callback, Callbacks, as_callbacks
+from training.checkpoint import Progress
 from training.diagnostics import FactDiagnostics, GradTap
 from training.evaluate_checkpoint import evaluate_module
 from training.data import eval_sets, finetune_stream, load_facts, load_tokenizer, lm_stream, shard_rows
-from training.metrics import MetricsLogger, memory_scalars
+from training.metrics import MetricsLogger, memory_scalars, print_main, progress_bar
 from training.build import build_parallel_model
 from training.replicas import check_replicas
 from training.step import Stepper, make_plan, optimizer_factory, set_trainable
@@ -162,19 +161,22 @@ def prepare_run_dir(config, dist_info) -> Path | None:
     return None if shared == "complete" else run_dir
 
 
-def run(config) -> dict[str, Any]:
+def run(config, callbacks: Iterable[Callback] | None = None) -> dict[str, Any]:
+    """Run the stage `config` describes; `callbacks` (training/callbacks.py) are called at its hook points."""
+    callbacks = as_callbacks(callbacks)
     dist_info = D.init_distributed(config.device)
+    callbacks.on_start(dist_info)
     torch.manual_seed(config.seed)
     stop = StopRequest()
     t_start = time.time()
     run_dir = prepare_run_dir(config, dist_info)
     if run_dir is None:
-        _print(dist_info, f"stage already complete in {config.output_dir}")
+        print_main(dist_info, f"stage already complete in {config.output_dir}")
         D.close(together=True)
         return {"complete": True}
     log = MetricsLogger(run_dir, enabled=dist_info.is_main)
     try:
-        return _run(config, dist_info, run_dir, log, stop, t_start)
+        return _run(config, dist_info, run_dir, log, stop, t_start, callbacks)
     finally:
         log.close()
 
@@ -196,40 +198,28 @@ class _Parts:
     fact_diagnostics: bool
 
 
-@dataclasses.dataclass
-class _Progress:
-    """What the loop accumulates; a checkpoint saves it and a resume restores it."""
-    step: int = 0
-    metrics: dict = dataclasses.field(default_factory=dict)
-    updated: torch.Tensor | None = None          # every row any step selected (updated_rows.safetensors)
-    selections: list | None = None               # (step, fact id, rows) per finetune step (selections.safetensors)
-    diagnostics: FactDiagnostics | None = None
-    diag_before: dict | None = None
-
-
-def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest, t_start: float) -> dict:
+def _run(config, dist_info, run_dir: Path, log: MetricsLogger, stop: StopRequest, t_start: float,
+         callbacks: Callbacks) -> dict:
     parts = _setup(config, dist_info)
     step, resumed_state, message = C.restore(
         run_dir, config, dist_info, strategy=parts.strategy, values=parts.values,
         values_optimizer=parts.lane.optimizer if parts.lane is not None else None, finetuner=parts.finetuner,
         stream=parts.stream, log=log, lora_names=parts.lora_names)
     if message:
-        _print(dist_info, message)
+        print_main(dist_info, message)
     if resumed_state is not None and dist_info.is_main:
         _record_start(config, run_dir)
     _load_background_options(config, parts, resumed=resumed_state is not None)
     if config.stage == "background":
-        return _background(config, dist_info, run_dir, log, stop, parts.strategy.module, parts.strategy,
-                           parts.finetuner, parts.stream, parts.values, step, t_start, tokenizer=parts.tokenizer,
-                           facts=parts.facts)
+        return run_background(config, dist_info, run_dir, log, parts, t_start, callbacks=callbacks)
     total = _total_steps(config, parts.stream)
     sets = eval_sets(config, parts.facts, parts.stream) if config.stage == "finetune" else {}
-    progress = _restore_progress(config, parts, dist_info, log, step, resumed_state)
+    progress = _start_progress(config, parts, dist_info, log, step, resumed_state)
     before = _before(config, run_dir, parts, sets, dist_info, log, step)
-    stopped = _loop(config, dist_info, run_dir, log, stop, parts, progress, total, sets)
+    stopped = _loop(config, dist_info, run_dir, log, stop, parts, progress, total, sets, callbacks)
     if stopped is not None:
         return stopped
-    return _finish(config, dist_info, run_dir, log, parts, progress, sets, before, t_start)
+    return _finish(config, dist_info, run_dir, log, parts, progress, sets, before, t_start, callbacks)
 
 
 def _setup(config, dist_info) -> _Parts:
@@ -277,59 +267,47 @@ def _load_background_options(config, parts: _Parts, *, resumed: bool) -> None:
                          "--sparse.ranking=kl needs (written before they were recorded); re-run the background stage")
 
 
-def _restore_progress(config, parts: _Parts, dist_info, log, step: int, resumed_state: dict | None) -> _Progress:
-    progress = _Progress(step=step)
+def _start_progress(config, parts: _Parts, dist_info, log, step: int, resumed_state: dict | None) -> Progress:
+    """What this stage accumulates, with a resumed run's state put back (checkpoint.restore_progress); the
+    memory diagnostics' 'before' is measured now unless the checkpoint holds it."""
     values = parts.values
+    progress = Progress(step=step)
     if parts.fact_diagnostics:
         progress.diagnostics = FactDiagnostics(
             model=parts.strategy.module, tokenizer=parts.tokenizer, facts=parts.facts, finetuner=parts.finetuner,
             device=dist_info.device, max_known=config.eval.max_items, grad_tap=parts.grad_tap,
             eval_options={"batch_size": config.eval.batch_size, "max_new_tokens": config.eval.max_new_tokens})
-        if resumed_state and "diagnostics" in resumed_state:
-            progress.diag_before = progress.diagnostics.load_state_dict(resumed_state["diagnostics"])
-        else:
-            progress.diag_before = progress.diagnostics.before()
-            log.log(step, progress.diag_before, kind="diagnostics", console=False)
     progress.updated = torch.zeros(values.shape[0], dtype=torch.bool) if values is not None else None
     if config.stage == "finetune" and parts.plan.train_values and values is not None:
         progress.selections = []
-    if resumed_state:
-        if progress.updated is not None and "updated" in resumed_state:
-            progress.updated |= resumed_state["updated"].to(torch.bool)
-        if progress.selections is not None and "selections" in resumed_state:
-            progress.selections = _selections_list(resumed_state["selections"])
-        if resumed_state.get("last_train_loss") is not None:
-            progress.metrics["train/loss"] = resumed_state["last_train_loss"]
+    C.restore_progress(progress, resumed_state)
+    if progress.diagnostics is not None and progress.diag_before is None:
+        progress.diag_before = progress.diagnostics.before()
+        log.log(step, progress.diag_before, kind="diagnostics", console=False)
     return progress
 
 
 def _before(config, run_dir: Path, parts: _Parts, sets, dist_info, log, step: int) -> dict | None:
     """The evaluation before finetuning: this run's (resumed), a cached one of the same base and sets, or new."""
-    before = _load_before(run_dir) if step > 0 else None
+    before = eval_cache.load_run(run_dir) if step > 0 else None
     if config.stage != "finetune" or before is not None:
         return before
-    cache = _before_cache_path(config, sets, parts.strategy.module.config, dist_info.world_size)
-    before = _read_before_cache(cache)
+    cache = eval_cache.cache_path(config, sets, parts.strategy.module.config, dist_info.world_size)
+    before = eval_cache.read_cached(cache)
     if before is not None:
         log.log(0, {f"eval/{k}": v for k, v in before.items()}, kind="eval", extra={"tag": "before", "cached": str(cache)})
-        _print(dist_info, f"[eval] before: reused {cache}")
+        print_main(dist_info, f"[eval] before: reused {cache}")
     else:
         before = _evaluate(config, parts.strategy, parts.tokenizer, sets, dist_info, log, 0, "before")
         if dist_info.is_main and cache is not None:
-            _write_before_cache(cache, before)
+            eval_cache.write_cached(cache, before)
     if dist_info.is_main:
-        (run_dir / "eval_before.json").write_text(json.dumps(before))
+        eval_cache.save_run(run_dir, before)
     return before
 
 
-def _save(config, dist_info, run_dir: Path, log, parts: _Parts, progress: _Progress, at: int) -> None:
-    run_state: dict[str, Any] = {"last_train_loss": progress.metrics.get("train/loss")}
-    if progress.updated is not None:
-        run_state["updated"] = progress.updated
-    if progress.selections is not None:
-        run_state["selections"] = _selections_tree(progress.selections)
-    if progress.diagnostics is not None:
-        run_state["diagnostics"] = progress.diagnostics.state_dict(progress.diag_before)
+def _save(config, dist_info, run_dir: Path, log, parts: _Parts, progress: Progress, at: int,
+          callbacks: Callbacks) -> None:
     C.save_checkpoint(run_dir, at, strategy=parts.strategy, values=parts.values,
                       values_optimizer=parts.lane.optimizer if parts.lane is not None else None,
                       sparse_state=parts.finetuner.state_dict() if parts.finetuner is not None else None,
@@ -338,15 +316,16 @@ def _save(config, dist_info, run_dir: Path, log, parts: _Parts, progress: _Progr
                                      "natural_steps": len(parts.stream) if config.stage == "finetune" else None,
                                      "metrics_offset": log.offset()},
                       rank_state={"stream": parts.stream.state_dict()}, dist_info=dist_info,
-                      keep_latest=config.checkpoint.keep_latest, run_state=run_state)
+                      keep_latest=config.checkpoint.keep_latest, run_state=C.progress_state(progress),
+                      callbacks=callbacks)
 
 
-def _loop(config, dist_info, run_dir: Path, log, stop: StopRequest, parts: _Parts, progress: _Progress, total: int,
-          sets) -> dict | None:
+def _loop(config, dist_info, run_dir: Path, log, stop: StopRequest, parts: _Parts, progress: Progress, total: int,
+          sets, callbacks: Callbacks) -> dict | None:
     """Train until `total` steps; None when done, the preemption result when a signal stopped it."""
     stepper = Stepper(config=config, strategy=parts.strategy, finetuner=parts.finetuner, values_lane=parts.lane,
-                      device=dist_info.device, total_steps=total)
-    bar = _progress(config, dist_info, total, progress.step)
+                      device=dist_info.device, total_steps=total, callbacks=callbacks)
+    bar = progress_bar(config, dist_info, total, progress.step)
     # Finetuning keeps the model in eval mode: the model has no dropout, and train mode would let
     # BatchNorm (memory.query_batchnorm) renormalise queries with one fact's statistics and move its
     # running statistics -- parameters outside the selected value rows would change.
@@ -355,12 +334,9 @@ def _loop(config, dist_info, run_dir: Path, log, stop: StopRequest, parts: _Part
         batch = next(parts.stream)
         if config.stage == "finetune":
             batch = shard_rows(batch, dist_info.rank, dist_info.world_size)
-        metrics = stepper.step(batch, progress.step,
-                               nan_fault=faults.active("nan_loss", progress.step + 1, dist_info.rank))
+        metrics = stepper.step(batch, progress.step)
         progress.metrics = metrics
-        if faults.active("diverge", progress.step + 1, dist_info.rank):
-            with torch.no_grad():
-                parts.values[0] += 1e-3
+        callbacks.on_step_end(progress.step + 1, values=parts.values, metrics=metrics)
         if progress.diagnostics is not None:
             metrics.update(progress.diagnostics.step(batch.fact_id, progress.step + 1))
         if not torch.isfinite(torch.tensor(metrics["train/loss"])):
@@ -380,12 +356,12 @@ def _loop(config, dist_info, run_dir: Path, log, stop: StopRequest, parts: _Part
         if config.stage == "finetune" and config.eval.interval and step % config.eval.interval == 0 and step < total:
             _evaluate(config, parts.strategy, parts.tokenizer, sets, dist_info, log, step, "during")
         if config.checkpoint.interval and step % config.checkpoint.interval == 0 and step < total:
-            _save(config, dist_info, run_dir, log, parts, progress, step)
+            _save(config, dist_info, run_dir, log, parts, progress, step, callbacks)
         if stop.agreed():
-            _save(config, dist_info, run_dir, log, parts, progress, step)
+            _save(config, dist_info, run_dir, log, parts, progress, step, callbacks)
             if dist_info.is_main:
                 (run_dir / "PREEMPTED").write_text(f"stopped by signal at step {step}\n")
-            _print(dist_info, f"preempted: checkpoint at step {step} written; re-run to resume")
+            print_main(dist_info, f"preempted: checkpoint at step {step} written; re-run to resume")
             D.close(together=True)
             return {"preempted": True, "step": step}
     if bar is not None:
@@ -393,7 +369,7 @@ def _loop(config, dist_info, run_dir: Path, log, stop: StopRequest, parts: _Part
     return None
 
 
-def _record_selection(parts: _Parts, progress: _Progress, batch) -> None:
+def _record_selection(parts: _Parts, progress: Progress, batch) -> None:
     finetuner = parts.finetuner
     if progress.updated is None or not parts.plan.train_values or finetuner.trainable_indices is None:
         return
@@ -403,17 +379,17 @@ def _record_selection(parts: _Parts, progress: _Progress, batch) -> None:
         progress.selections.append((progress.step, str(batch.fact_id), rows.to(torch.int32)))
 
 
-def _finish(config, dist_info, run_dir: Path, log, parts: _Parts, progress: _Progress, sets, before,
-            t_start: float) -> dict:
+def _finish(config, dist_info, run_dir: Path, log, parts: _Parts, progress: Progress, sets, before,
+            t_start: float, callbacks: Callbacks) -> dict:
     """Last replica check and checkpoint, the row files, the evaluation after, summary.json."""
     step = progress.step
     check_replicas(parts.values, step=step)
-    _save(config, dist_info, run_dir, log, parts, progress, step)
+    _save(config, dist_info, run_dir, log, parts, progress, step, callbacks)
     updated_rows = progress.updated.nonzero().flatten() if progress.updated is not None else None
     if updated_rows is not None and dist_info.is_main:
         C.save_tree(run_dir / "updated_rows.safetensors", {"rows": updated_rows})
         if progress.selections is not None:
-            C.save_tree(run_dir / "selections.safetensors", _selections_tree(progress.selections))
+            C.save_tree(run_dir / "selections.safetensors", C.selections_tree(progress.selections))
     after = _evaluate(config, parts.strategy, parts.tokenizer, sets, dist_info, log, step, "after") if sets else {}
     trainable_per_step = _trainable_per_step(config, parts.plan, parts.trainable, parts.values)
     summary = build_summary(stage=config.stage, method=config.method if config.stage == "finetune" else "-",
@@ -431,81 +407,6 @@ def _finish(config, dist_info, run_dir: Path, log, parts: _Parts, progress: _Pro
     log.flush()
     D.close(together=True)
     return summary
-
-
-HEALTH_WEIGHT_BATCHES = 50   # background batches whose read weights feed health/topk_exp_entropy
-
-
-def _background(config, dist_info, run_dir, log, stop, model, strategy, finetuner, stream, values, step,
-                t_start, *, tokenizer, facts) -> dict:
-    num = config.sparse.background_batches
-    if config.max_steps:
-        num = min(num, config.max_steps)
-    tracker = finetuner.background_tracker
-    stage_offset = log.offset()     # a resume rewinds metrics.jsonl to here (the stage is redone whole)
-    tracker.start_collection()
-    total_counts = torch.zeros(values.shape[0], dtype=torch.int64)
-    strategy.module.eval()
-    progress = _progress(config, dist_info, num, 0)
-    weights = []
-    with torch.no_grad():
-        for i in range(num):
-            batch = next(stream)
-            with ReadRecorder(strategy.module) if i < HEALTH_WEIGHT_BATCHES else contextlib.nullcontext() as recorder:
-                out = strategy.module(batch.tokens.to(dist_info.device),
-                                      padding_mask=batch.padding_mask.to(dist_info.device))
-                if recorder is not None:
-                    weights.append(recorder.weights()[batch.padding_mask.cpu()])
-            total_counts += tracker.add_batch_indices(out.memory_indices).cpu().to(torch.int64)
-            if progress is not None:
-                progress.update(1)
-    tracker.stop_collection()
-    if progress is not None:
-        progress.close()
-    df = tracker.document_frequency.float()
-    diag = {f"memory/{k}": v for k, v in usage_stats(total_counts).items()}
-    diag["memory/high_df_slots_frac"] = float((df >= HIGH_DF_FRACTION * num).float().mean())
-    log.log(num, diag, kind="background")
-    # memory health (the gate before a finetune sweep): background usage + the facts' evaluation-prompt reads
-    reads = {name: prompt_reads(strategy.module, tokenizer, [eval_prompt(r) for r in records], device=dist_info.device)
-             for name, records in (("known", facts.known), ("new", facts.new))}
-    # does the model answer from its memory at all? (known F1 with the memory switched off)
-    reliance = memory_reliance(strategy.module, tokenizer, facts.known[:config.eval.max_items],
-                               batch_size=config.eval.batch_size, device=dist_info.device,
-                               max_new_tokens=config.eval.max_new_tokens) if facts.known else None
-    health = memory_health(total_counts=total_counts, document_frequency=tracker.document_frequency,
-                           num_batches=tracker.num_batches, known=reads["known"], new=reads["new"],
-                           background_weights=torch.cat(weights) if weights else None,
-                           k=model.config.memory.k, reliance=reliance)
-    log.log(num, {k: v for k, v in health.items() if isinstance(v, (int, float))}, kind="health", console=False)
-    C.save_checkpoint(run_dir, num, strategy=strategy, values=values, values_optimizer=None,
-                      sparse_state=finetuner.state_dict(),
-                      trainer_state={"stage": "background", "method": "-", "fingerprint": config.fingerprint(),
-                                     "metrics_offset": stage_offset},
-                      rank_state={"stream": stream.state_dict()}, dist_info=dist_info,
-                      keep_latest=config.checkpoint.keep_latest)
-    summary = build_summary(stage="background", method="-", steps=num, wall_time_s=time.time() - t_start,
-                            trainable_params_per_step=0, before=None, after=None)
-    summary["background"] = {"num_batches": tracker.num_batches, **diag}
-    summary["health"] = health
-    if dist_info.is_main:
-        write_summary(run_dir / "summary.json", summary)
-    D.close(together=True)
-    return summary
-
-
-def _selections_tree(selections: list[tuple[int, str, torch.Tensor]]) -> dict:
-    """Per-step selections as flat tensors: step s's rows are rows[offsets[s]:offsets[s+1]]."""
-    sizes = torch.tensor([0] + [r.numel() for _, _, r in selections], dtype=torch.int64)
-    return {"rows": torch.cat([r for _, _, r in selections]) if selections else torch.zeros(0, dtype=torch.int32),
-            "offsets": sizes.cumsum(0), "steps": torch.tensor([s for s, _, _ in selections], dtype=torch.int64),
-            "fact_ids": [f for _, f, _ in selections]}
-
-
-def _selections_list(tree: dict) -> list[tuple[int, str, torch.Tensor]]:
-    off = tree["offsets"].tolist()
-    return [(int(s), f, tree["rows"][off[i]:off[i + 1]])
-            for i, (s, f) in enumerate(zip(tree["steps"].tolist(), tree["fact_ids"]))]
 
 
 def _total_steps(config, stream) -> int:
@@ -528,63 +429,3 @@ def _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, tag) -> d
     results = evaluate_module(config, strategy.module, tokenizer, sets, dist_info.device)
     log.log(step, {f"eval/{k}": v for k, v in results.items()}, kind="eval", extra={"tag": tag})
     return results
-
-
-_EVAL_CODE = [Path(__file__).resolve().parent.parent / d for d in ("evaluation", "training/evaluate_checkpoint.py",
-                                                                  "training/data.py", "data_pipeline")]
-
-
-def _before_cache_path(config, sets, model_config, world_size: int) -> Path | None:
-    """<init_from checkpoint>/eval_cache/before-<hash>.json: the hash covers everything the 'before' numbers
-    depend on (checkpoint, model config, LoRA or not, the evaluation records, the eval section, the world
-    size and the source of the evaluation and data code), so a stale entry cannot be hit."""
-    if not (config.eval.cache_before and config.init_from and sets):
-        return None
-    ckpt = C.resolve_checkpoint(config.init_from)
-    h = hashlib.sha256()
-    head = {"checkpoint": str(ckpt.resolve()), "trainer": (ckpt / "trainer.json").read_text(),
-            "model": repr(model_config), "lora": dataclasses.asdict(config.lora) if config.method == "lora" else None,
-            "eval": {k: v for k, v in dataclasses.asdict(config.eval).items() if k != "cache_before"},
-            "world_size": world_size, "device": str(config.device), "strategy": config.strategy}
-    h.update(json.dumps(head, sort_keys=True, default=str).encode())
-    for name in sorted(sets):
-        h.update(json.dumps([name, sets[name][0], sets[name][1]], sort_keys=True, default=repr).encode())
-    for root in _EVAL_CODE:
-        for src in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
-            h.update(src.read_bytes())
-    return ckpt / "eval_cache" / f"before-{h.hexdigest()[:24]}.json"
-
-
-def _read_before_cache(path: Path | None) -> dict | None:
-    """The cached numbers, or None. Every rank must see the same file, else all evaluate (collectives)."""
-    found = path is not None and path.is_file()
-    if D.all_reduce_max(0.0 if found else 1.0) > 0:
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable evaluation cache ({e}); delete it (it is recomputed)") from None
-
-
-def _write_before_cache(path: Path, before: dict) -> None:
-    try:
-        write_summary(path, before)   # atomic; refuses NaN, so a NaN 'before' is simply not cached
-    except (OSError, ValueError) as e:   # e.g. a read-only base checkpoint: no cache, same results
-        print(f"note: could not cache the 'before' evaluation in {path.parent} ({e})", flush=True)
-
-
-def _load_before(run_dir: Path) -> dict | None:
-    path = run_dir / "eval_before.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _progress(config, dist_info, total: int, initial: int):
-    if not (dist_info.is_main and config.logging.progress):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=config.stage, dynamic_ncols=True, mininterval=2.0)
-
-
-def _print(dist_info, message: str) -> None:
-    if dist_info.is_main:
-        print(message, flush=True)
