@@ -73,7 +73,7 @@ def build_stepper(config, *, background: bool):
         synthetic_background(finetuner)
     lane = ValuesLane(values, optimizer_factory(config, sgd=plan.values_sgd, values=True)([values]), finetuner,
                       lr_mult=config.optim.values_lr_mult, max_row_norm=config.optim.values_max_row_norm)
-    strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=False))
+    strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=config.optim.optimizer == "sgd"))
     strategy.module.train(config.stage == "pretrain")
     stepper = Stepper(config=config, strategy=strategy, finetuner=finetuner, values_lane=lane, device=device,
                       total_steps=max(config.max_steps, 1))

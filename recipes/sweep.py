@@ -6,7 +6,7 @@
 
 A grid is axes `KEY=V1,V2,...` (their product); several --grid options (or a preset's `grids`) add up,
 which is how each method gets its own lr grid. KEY is a config key (`optim.lr`) or a short name
-(lr, t, rank, alpha, wd, seed, passes, steps, ranking, maxnorm, stream = data.fact_offset). Each point runs
+(lr, t, rank, alpha, wd, seed, passes, steps, ranking, maxnorm, stream = data.fact_offset, opt = optim.optimizer). Each point runs
 
     [torchrun --standalone --nproc_per_node=N] recipes/train.py --config BASE --output_dir=OUT/NAME
         --method=... --optim.lr=... --sparse.top_t=... --init_from=RUN [--section.key=value ...]
@@ -45,7 +45,7 @@ POINTS_FILE = "sweep_points.tsv"
 ALIASES = {"lr": "optim.lr", "t": "sparse.top_t", "top_t": "sparse.top_t", "rank": "lora.rank",
            "alpha": "lora.alpha", "wd": "optim.weight_decay", "seed": "seed", "passes": "data.passes",
            "steps": "max_steps", "method": "method", "ranking": "sparse.ranking",
-           "maxnorm": "optim.values_max_row_norm", "stream": "data.fact_offset"}
+           "maxnorm": "optim.values_max_row_norm", "stream": "data.fact_offset", "opt": "optim.optimizer"}
 LABELS = {v: k for k, v in reversed(list(ALIASES.items()))}    # config key -> short name used in run names
 
 

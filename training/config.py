@@ -90,7 +90,11 @@ class DataSection:
 @dataclass
 class OptimSection:
     lr: float = 1e-3
-    """Learning rate (SGD for sparse/tf_only/memory_all, AdamW otherwise)."""
+    """Learning rate (SGD for sparse/tf_only/memory_all, optim.optimizer for full/lora and pretraining)."""
+    optimizer: str = "adamw"
+    """Optimizer of full/lora finetuning and pretraining: adamw | sgd (plain SGD on every trainable parameter,
+    the values table included: the paper's optimizer control for the baselines, at lrs ~1e-2..1e-1). The
+    value-only methods (sparse, tf_only, memory_all) always use plain SGD."""
     weight_decay: float = 0.0
     """AdamW weight decay (must be 0 with SGD methods: it would move masked rows)."""
     momentum: float = 0.0
@@ -123,6 +127,10 @@ class OptimSection:
     """Weight of a load-balancing auxiliary loss on the memory's sub-key usage (MoE-router style; see
     model.memory.sub_key_balance_loss: 1.0 when uniform), added to the training loss; 0 = off. It moves
     only the queries, sub-keys and what feeds them, so with the value-only methods it changes nothing."""
+    trainable: str = "all"
+    """What the pretrain stage trains: all | memory (only the memory layers and their values table; the rest is
+    frozen: the recovery of a memory retrofitted into a pretrained model, recipes/retrofit.py). Finetune methods
+    choose their own parameters."""
 
 
 @dataclass
@@ -234,7 +242,9 @@ class JobConfig:
 
     @property
     def uses_sgd(self) -> bool:
-        return self.stage == "finetune" and self.method in ("sparse", "tf_only", "memory_all")
+        """Plain SGD on the values table: the value-only methods, or optim.optimizer=sgd."""
+        return (self.stage == "finetune" and self.method in ("sparse", "tf_only", "memory_all")) or \
+            self.optim.optimizer == "sgd"
 
     def validate(self) -> None:
         def bad(key: str, msg: str) -> ValueError:
@@ -259,15 +269,17 @@ class JobConfig:
         num_slots = self.model_config().memory.num_slots
         if not 0 < self.sparse.top_t <= num_slots:
             raise bad("sparse.top_t", f"must be in [1, N={num_slots}], got {self.sparse.top_t}")
+        if self.optim.optimizer not in ("adamw", "sgd"):
+            raise bad("optim.optimizer", f"'{self.optim.optimizer}' is not one of adamw, sgd")
         if self.uses_sgd and (self.optim.momentum != 0 or self.optim.weight_decay != 0):
             raise bad("optim.momentum" if self.optim.momentum else "optim.weight_decay",
-                      f"must be 0 with method '{self.method}' (plain SGD): it would move masked rows")
+                      f"must be 0 with plain SGD (method '{self.method}', optim.optimizer={self.optim.optimizer}): it would move masked rows")
         if not self.optim.values_lr_mult > 0:
             raise bad("optim.values_lr_mult", f"must be > 0, got {self.optim.values_lr_mult}")
         if self.optim.values_weight_decay is not None and self.optim.values_weight_decay < 0:
             raise bad("optim.values_weight_decay", f"must be >= 0, got {self.optim.values_weight_decay}")
         if self.uses_sgd and self.optim.values_weight_decay:
-            raise bad("optim.values_weight_decay", f"must be 0 with method '{self.method}' (plain SGD): it would move masked rows")
+            raise bad("optim.values_weight_decay", f"must be 0 with plain SGD (method '{self.method}', optim.optimizer={self.optim.optimizer}): it would move masked rows")
         if self.optim.loss_reduction not in ("mean", "sum"):
             raise bad("optim.loss_reduction", "must be mean or sum")
         if self.optim.schedule not in ("constant", "cosine"):
@@ -354,6 +366,10 @@ class JobConfig:
             raise bad("optim.memory_balance_loss", f"must be a finite number >= 0, got {w!r}")
         if w > 0 and not self.model_config().memory_layers:
             raise bad("optim.memory_balance_loss", "needs a memory layer (model.memory_layers is empty)")
+        if self.optim.trainable not in ("all", "memory"):
+            raise bad("optim.trainable", f"'{self.optim.trainable}' is not one of all, memory")
+        if self.optim.trainable == "memory" and not self.model_config().memory_layers:
+            raise bad("optim.trainable", "memory needs a memory layer (model.memory_layers is empty)")
         if not str(self.output_dir).strip():
             raise bad("output_dir", "is empty; pass --output_dir=DIR")
 
@@ -365,7 +381,15 @@ class JobConfig:
         d = self.to_dict()
         for key in ("output_dir", "max_steps", "logging", "checkpoint"):
             d.pop(key, None)
+        for section, key, default in _LATE_KEYS:   # at their default, as before they existed
+            if d[section].get(key) == default:
+                d[section].pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_LATE_KEYS = (("optim", "trainable", "all"), ("optim", "optimizer", "adamw"))
+"""Keys added after run directories were recorded: at their default they are left out of the fingerprint, so a
+run recorded before they existed still resumes (and is still found complete) under the same fingerprint."""
 
 
 def _finite(value: Any) -> bool:

@@ -247,7 +247,7 @@ def _setup(config, dist_info) -> _Parts:
     if plan.train_values and values is not None:
         lane = ValuesLane(values, optimizer_factory(config, sgd=plan.values_sgd, values=True)([values]), finetuner,
                           lr_mult=config.optim.values_lr_mult, max_row_norm=config.optim.values_max_row_norm)
-    strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=False))
+    strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=config.optim.optimizer == "sgd"))
     return _Parts(plan, strategy, lora_names, values, trainable, tokenizer, facts, stream, finetuner, lane,
                   grad_tap, fact_diagnostics)
 

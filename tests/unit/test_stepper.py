@@ -212,3 +212,30 @@ def test_values_trained_by_adamw_get_a_dense_gradient_straight_from_the_memory_l
     model.memory_values.register_hook(lambda g: seen.append(g.is_sparse))
     stepper.step(batch, 0)
     assert seen == [not dense]
+
+
+def test_full_finetuning_with_optimizer_sgd_is_plain_sgd_on_every_parameter():
+    """--optim.optimizer=sgd (the paper's optimizer control for the baselines): full finetuning's values table and
+    dense weights take plain SGD steps, so every read row moves by exactly -lr x its gradient."""
+    lr = 0.5
+    cfg, model, _, stepper, batch = setup(method="full", lr=lr, overrides={"optim.optimizer": "sgd"})
+    plan = make_plan(cfg)
+    assert plan.train_dense and plan.values_sgd
+    dense = [p for p in model.parameters() if p.requires_grad and p is not model.memory_values]
+    assert type(optimizer_factory(cfg, sgd=cfg.optim.optimizer == "sgd")(dense)) is torch.optim.SGD
+    grads = []
+    model.memory_values.register_hook(lambda g: grads.append(g.coalesce().to_dense() if g.is_sparse else g.clone()))
+    before = model.memory_values.detach().clone()
+    stepper.step(batch, 0)
+    (grad,) = grads
+    moved = (model.memory_values.detach() - before).abs().sum(1) > 0
+    assert moved.any() and torch.equal(moved, grad.abs().sum(1) > 0)
+    torch.testing.assert_close(model.memory_values.detach() - before, -lr * grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("overrides, key", [({"optim.optimizer": "adam"}, "optim.optimizer"),
+                                            ({"optim.optimizer": "sgd", "optim.weight_decay": 0.1},
+                                             "optim.weight_decay")])
+def test_optimizer_option_is_validated(overrides, key):
+    with pytest.raises(ValueError, match=f"config key '{key}'"):
+        setup(method="full", lr=0.1, overrides=overrides)
