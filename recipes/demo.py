@@ -100,11 +100,12 @@ def fmt(v, digits=3) -> str:
 
 
 def table(runs: list[tuple[str, dict]]) -> str:
-    head = "| run | method | trainable/step | " + " | ".join(f"{label} before → after (rel)" for _, label in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
+    columns = [(key, label) for key, label in COLUMNS if any(key in s["metrics"] for _, s in runs)]  # the world's sets
+    head = "| run | method | trainable/step | " + " | ".join(f"{label} before → after (rel)" for _, label in columns) + " |"
+    lines = [head, "|" + "---|" * (3 + len(columns))]
     for name, s in runs:
         cells = []
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             m = s["metrics"].get(key)
             if m is None:
                 cells.append("–")
@@ -148,12 +149,12 @@ def stream_groups(runs: list[tuple[str, dict]]) -> dict[str, list[tuple[str, dic
     return groups
 
 
-def _mean_sd(values: list[float]) -> str:
+def _mean_sd(values: list[float], percent: bool = False) -> str:
     if not values:
         return "–"
     mean = sum(values) / len(values)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:+.3f} ± {sd:.3f}"
+    return f"{100 * mean:+.1f}% ± {100 * sd:.1f}%" if percent else f"{mean:+.3f} ± {sd:.3f}"
 
 
 def stream_table(runs: list[tuple[str, dict]]) -> str:
@@ -166,7 +167,7 @@ def stream_table(runs: list[tuple[str, dict]]) -> str:
     for point, members in groups.items():
         cols = []
         for key, kind in (("new_facts/f1", "abs"), ("known_facts/f1", "rel"), ("heldout_text/nll", "abs")):
-            cols.append(_mean_sd([v for _, s in members if (v := _delta(s, key, kind)) is not None]))
+            cols.append(_mean_sd([v for _, s in members if (v := _delta(s, key, kind)) is not None], kind == "rel"))
         lines.append(f"| {point} | {len(members)} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
@@ -188,6 +189,17 @@ def headline(runs: list[tuple[str, dict]]) -> list[str]:
     known, prose = _delta(s, "known_facts/f1", "rel"), _delta(s, "heldout_text/nll", "abs")
     out = [f"- best sparse run: {name}: new F1 {fmt(f1)}, known F1 {fmt(known and 100 * known, 1)}%, prose NLL "
            f"{fmt(prose)} nats"]
+    baseline_f1 = max((best[m][0] for m in ("full", "lora") if m in best), default=None)
+    if baseline_f1 is not None:
+        # at comparable or higher learning: the sparse run that forgets least among those learning at least as
+        # much as the best full/LoRA run
+        matched = [(_delta(s_, "known_facts/f1", "rel"), n_, s_) for n_, s_ in main if s_["method"] == "sparse"
+                   and s_["metrics"]["new_facts/f1"]["after"] >= baseline_f1 and _delta(s_, "known_facts/f1", "rel") is not None]
+        if matched:
+            k_m, n_m, s_m = max(matched, key=lambda c: c[0])
+            out.append(f"- least forgetting sparse run learning at least the best full/LoRA run's {fmt(baseline_f1)}: {n_m}: "
+                       f"new F1 {fmt(s_m['metrics']['new_facts/f1']['after'])}, known F1 {100 * k_m:+.1f}%, prose NLL "
+                       f"{fmt(_delta(s_m, 'heldout_text/nll', 'abs'))} nats")
     for method in ("full", "lora"):
         if method not in best:
             continue

@@ -40,7 +40,7 @@ def test_stream_table_mean_and_sample_sd():
     table = demo.stream_table(RUNS)
     row = next(line for line in table.splitlines() if line.startswith("| sparse_lr10_t20 "))
     # gains 0.3, 0.4, 0.3 -> mean 0.333, sample sd 0.0577; known rel -0.04, -0.02, -0.06 -> -0.04 +- 0.02
-    assert "| 3 | +0.333 ± 0.058 | -0.040 ± 0.020 | +0.000 ± 0.000 |" in row
+    assert "| 3 | +0.333 ± 0.058 | -4.0% ± 2.0% | +0.000 ± 0.000 |" in row
     full = next(line for line in table.splitlines() if line.startswith("| full_lr0.0001 "))
     assert "| 2 | +0.050 ± 0.071 |" in full
     assert demo.stream_table(RUNS[3:5] + RUNS[6:]) == "(no point was run on several streams)"
@@ -52,5 +52,8 @@ def test_headline_picks_the_best_new_f1_per_method_on_the_configs_stream():
     full = next(line for line in lines if line.startswith("- best full run"))
     # the stream-900 variant is not a candidate; drop ratio -0.20 / -0.10 = 2.00, prose 0.01 / 0.02
     assert "full_lr0.0001:" in full and "+0.400" in full and "drop ratio 2.00" in full and "(ratio 0.50)" in full
+    matched = next(line for line in lines if line.startswith("- least forgetting sparse run"))
+    # the best baseline learns 0.2 (full): both sparse runs learn more; lr10 forgets less (-4% vs -20%)
+    assert "0.200: sparse_lr10_t20: new F1 0.400, known F1 -4.0%" in matched
     lora = next(line for line in lines if line.startswith("- best lora run"))
     assert "drop ratio 0.40" in lora
