@@ -81,6 +81,9 @@ def resolve_eval_config(ckpt: Path, run_dir: Path | None, *, config_path: str | 
     if not flat.get("init_from") and "init_from" not in overrides:
         # background/finetune configs require init_from; evaluation never reads it
         flat["init_from"] = repr(str(ckpt))
+    if data.get("stage") == "pretrain" and not data.get("max_steps") and "max_steps" not in overrides:
+        # a 0-step pretrain run (a converted pretrained model, recipes/retrofit.py); evaluation never reads it
+        flat["max_steps"] = 1
     config = resolve_config(None, {**flat, **overrides})
     return with_deepspeed_default(config, deepspeed_configs) if deepspeed_configs else config
 

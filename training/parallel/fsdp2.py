@@ -39,7 +39,19 @@ class FSDP2Strategy:
         initial model is the same for every world size (one parameter is full-size at a time)."""
         from model import Transformer
         device = self.dist_info.device
+        # Without fully_shard (one process), to_empty makes one new parameter per module, which unties shared
+        # weights (tie_embeddings): note the aliases first and tie them again after (fully_shard keeps them tied)
+        first: dict[int, str] = {}
+        tied: list[tuple[str, str]] = []
+        for name, param in self.module.named_parameters(remove_duplicate=False):
+            canonical = first.setdefault(id(param), name)
+            if canonical != name:
+                tied.append((name, canonical))
         self.module.to_empty(device=device)
+        for alias, canonical in tied:
+            owner, _, attr = alias.rpartition(".")
+            if self.module.get_parameter(alias) is not self.module.get_parameter(canonical):
+                setattr(self.module.get_submodule(owner), attr, self.module.get_parameter(canonical))
         for name, param in self.module.named_parameters():
             gen = Transformer.param_generator(seed, name, device)
             full = torch.empty(param.shape, dtype=param.dtype, device=device)
