@@ -280,3 +280,77 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_refused():
     with pytest.raises(ValueError) as err:
         retrofit_config(pretrained, layer=7)
     assert "layer 7" in _one_line(err)
+
+
+# ---- GGUF files written the way llama.cpp's converter writes them ------------------------------------------
+_GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+               "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+               "self_attn.v_proj.weight": "attn_v.weight", "self_attn.q_proj.bias": "attn_q.bias",
+               "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+               "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def _write_gguf(model, arch: str, path: Path) -> None:
+    """A tiny model as llama.cpp's convert_hf_to_gguf.py stores it: for llama the q/k rows permuted into
+    interleaved RoPE order (HF's rotate_half pair i = rows i, i + d/2 becomes rows 2i, 2i+1), for qwen2 as they are."""
+    import gguf
+    import numpy as np
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(500.0)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and c.tie_word_embeddings:
+            continue                                   # a tied model has no output.weight
+        if key in top:
+            writer.add_tensor(top[key], tensor.numpy().astype(np.float32))
+            continue
+        index, rest = key[len("model.layers."):].split(".", 1)
+        if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            heads = c.num_attention_heads if "q_proj" in rest else c.num_key_value_heads
+            tensor = tensor.reshape(heads, 2, -1, tensor.shape[-1]).transpose(1, 2).reshape(tensor.shape)
+        writer.add_tensor(f"blk.{index}.{_GGUF_NAMES[rest]}", tensor.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.skipif(_missing("gguf", "transformers") is not None, reason=str(_missing("gguf", "transformers")))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_files_of_both_rope_layouts_match_transformers(arch, tmp_path, monkeypatch):
+    """A Llama GGUF holds interleaved q/k rows (loaded as they are), a Qwen2 GGUF HF's order (permuted on load);
+    transformers' own GGUF reader gives back the original model from the same file, and so do we."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    original = _hf_model(arch, tmp_path / "hf")
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _write_gguf(original, arch, path)
+    reference = type(original)(original.config).float().eval()
+    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=reference)
+    reference.load_state_dict(parsed["tensors"], strict=not original.config.tie_word_embeddings)
+    pretrained = load_pretrained(path)
+    c = pretrained.config
+    assert pretrained.kind == "gguf" and c.attn_qkv_bias == c.tie_embeddings == (arch == "qwen2") and c.kv_heads == 2
+    assert pretrained.tokenizer_spec == f"gguf:{path}"
+    tokens = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+        assert torch.allclose(theirs, original(tokens).logits, atol=1e-5)     # the file holds the model
+        diff = (build_pretrained(pretrained).eval()(tokens).logits - theirs).abs().max().item()
+    assert diff <= 1e-4, f"max |logit difference| {diff}"
+    if arch == "qwen2":   # the permutation matters: without it the logits are wrong
+        import model.pretrained as P
+        monkeypatch.setattr(P, "rotate_half_to_interleaved", lambda w, heads: w)
+        with torch.no_grad():
+            wrong = (build_pretrained(load_pretrained(path)).eval()(tokens).logits - theirs).abs().max().item()
+        assert wrong > 1e-2
