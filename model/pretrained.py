@@ -146,9 +146,9 @@ def read_gguf(path: str | Path) -> Pretrained:
     import numpy as np
     try:
         reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError, IndexError, KeyError) as err:
-        raise ValueError(f"GGUF file {path} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                         "pass a complete .gguf file") from None
+    except (OSError, ValueError, IndexError, KeyError, EOFError) as err:
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"GGUF file {path} is unreadable ({why}); pass a complete .gguf file") from None
 
     def field(key: str, default: Any = dataclasses.MISSING) -> Any:
         f = reader.fields.get(key)

@@ -354,3 +354,26 @@ def test_gguf_files_of_both_rope_layouts_match_transformers(arch, tmp_path, monk
         with torch.no_grad():
             wrong = (build_pretrained(load_pretrained(path)).eval()(tokens).logits - theirs).abs().max().item()
         assert wrong > 1e-2
+
+
+@pytest.mark.skipif(_missing("gguf", "transformers") is not None, reason=str(_missing("gguf", "transformers")))
+def test_bad_gguf_files_are_one_line_errors(tmp_path):
+    import gguf
+    from model.pretrained import read_gguf
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(_hf_model("llama", tmp_path / "hf"), "llama", path)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError) as err:
+        read_gguf(truncated)
+    assert "truncated.gguf is unreadable" in _one_line(err) and "complete .gguf" in _one_line(err)
+    other = tmp_path / "gpt2.gguf"
+    writer = gguf.GGUFWriter(str(other), "gpt2")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError) as err:
+        load_pretrained(other)
+    assert "gpt2.gguf" in _one_line(err) and "architecture 'gpt2' is not supported" in _one_line(err)
