@@ -43,6 +43,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.prompt_split import split_after_prompt
+
 __all__ = ["HFTokenizer", "GGUF_PRE_TOKENIZERS", "is_gguf_file"]
 
 # tokenizer.ggml.pre values (llama.cpp's names) whose split we rebuild exactly. "digits": llama.cpp's
@@ -267,7 +269,6 @@ class HFTokenizer:
         (``"ĠParis"``), and punctuation, letters and digits never merge across a space, so for
         ``eval_prompt(q)`` + ``" " + answer`` the prompt part is exactly ``encode(prompt)``.
         """
-        from data_pipeline.tokenizer import split_after_prompt
 
         return split_after_prompt(self.encode(prompt + continuation, bos=bos), self.encode(prompt, bos=bos))
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from data_pipeline.atomic import atomic_write
+from data_pipeline.prompt_split import split_after_prompt
 
 __all__ = ["Tokenizer", "load_tokenizer", "split_tokenizer_spec", "split_after_prompt", "train_tokenizer", "find_package_file", "resolve_path", "TINY_TOKENIZER"]
 
@@ -113,15 +114,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
-
-
-def split_after_prompt(full: list[int], head: list[int]) -> tuple[list[int], list[int]]:
-    """``full`` (ids of prompt + continuation) cut after its longest common prefix with ``head`` (the
-    prompt's own ids): exactly ``(head, rest)`` when the boundary did not merge into one piece."""
-    n = 0
-    while n < min(len(head), len(full)) and head[n] == full[n]:
-        n += 1
-    return full[:n], full[n:]
 
 
 def split_tokenizer_spec(spec: str | os.PathLike) -> tuple[str | None, str]:
