@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"demo: no finished finetune runs in {sweep}; see {log}")
     plots = []
     for y, name in (("known_facts/f1", "pareto.png"), ("heldout_text/nll", "pareto_nll.png")):
-        cmd = [sys.executable, str(REPO / "recipes" / "plot_pareto.py"), *[str(sweep / n) for n, _ in runs],
+        one_stream = [str(sweep / n) for n, _ in runs if not STREAM.match(n)]     # the config's stream only
+        cmd = [sys.executable, str(REPO / "recipes" / "plot_pareto.py"), *one_stream,
                "--out", str(out / name), "--x", "new_facts/f1", "--y", y]
         if subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).returncode == 0:
             plots.append(out / name)

@@ -48,7 +48,7 @@ METHOD_TABLE: dict[str, tuple[bool, bool, bool, bool, str | None]] = {
 def make_plan(config) -> Plan:
     key = {"pretrain": "full", "background": "background"}.get(config.stage, config.method)
     train_dense, train_lora, train_values, values_sgd, mode = METHOD_TABLE[key]
-    values_sgd = values_sgd or config.optim.optimizer == "sgd"
+    values_sgd = values_sgd or (train_values and config.optim.optimizer == "sgd")   # lora: the table is frozen
     if mode is None:
         args = SparseMemoryFinetuningArgs(enabled=False)
     elif mode == "all_accessed":

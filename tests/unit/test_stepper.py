@@ -233,6 +233,13 @@ def test_full_finetuning_with_optimizer_sgd_is_plain_sgd_on_every_parameter():
     torch.testing.assert_close(model.memory_values.detach() - before, -lr * grad, rtol=1e-5, atol=1e-7)
 
 
+def test_lora_with_optimizer_sgd_leaves_the_frozen_values_table_out_of_the_sgd_lane():
+    cfg = resolve_config("recipes/configs/tiny_fact_learning.yaml",
+                         {"init_from": "x", "method": "lora", "optim.lr": 0.1, "optim.optimizer": "sgd"})
+    plan = make_plan(cfg)
+    assert plan.train_lora and not plan.train_values and not plan.values_sgd
+
+
 @pytest.mark.parametrize("overrides, key", [({"optim.optimizer": "adam"}, "optim.optimizer"),
                                             ({"optim.optimizer": "sgd", "optim.weight_decay": 0.1},
                                              "optim.weight_decay")])
