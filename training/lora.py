@@ -19,14 +19,14 @@ class LoRALinear(nn.Linear):
     """y = x W^T + (alpha / r) * x A^T B^T, with W frozen; B starts at zero so the model is unchanged."""
 
     def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
-                 device: torch.device | None = None) -> None:
-        super().__init__(in_features, out_features, bias=False, device=device)
+                 device: torch.device | None = None, bias: bool = False) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device)
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
 
 def apply_lora(model: nn.Module, *, rank: int, alpha: float) -> list[str]:
@@ -38,8 +38,10 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         lora = LoRALinear(module.in_features, module.out_features, rank=rank, alpha=alpha,
-                          device=module.weight.device)
+                          device=module.weight.device, bias=module.bias is not None)
         lora.weight = module.weight
+        if module.bias is not None:      # e.g. model.attn_qkv_bias (Qwen2): same `bias` key, frozen like the weight
+            lora.bias = module.bias
         setattr(parent, child, lora)
         names += [f"{name}.lora_A", f"{name}.lora_B"]
     return names

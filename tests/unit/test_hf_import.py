@@ -377,3 +377,22 @@ def test_bad_gguf_files_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError) as err:
         load_pretrained(other)
     assert "gpt2.gguf" in _one_line(err) and "architecture 'gpt2' is not supported" in _one_line(err)
+
+
+def test_lora_keeps_the_qkv_bias_and_starts_as_the_identity():
+    from training.lora import apply_lora, init_lora_tensor_
+    model = build_model("tiny", seed=2, vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48,
+                        attn_qkv_bias=True, memory_layers=())
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wqkv.bias.normal_()
+    tokens = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(tokens).logits
+    names = apply_lora(model, rank=4, alpha=8.0)
+    for name, param in model.named_parameters():
+        if name in names:
+            assert init_lora_tensor_(name, param.data, torch.Generator().manual_seed(0))
+    assert "layers.0.attention.wqkv.bias" in model.state_dict()
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, before)
