@@ -132,7 +132,7 @@ def retrofit(base: str, output_dir: str, *, layer: int | None = None, mode: str 
     config = job_config(pretrained, model_config, output_dir=str(converted), max_steps=0, overrides=overrides)
     section = model_section(model_config, pretrained.preset)
     info = {"base": str(base), "source": str(pretrained.source), "layer": model_config.memory_layers[0],
-            "mode": mode, "model": section, "tokenizer": pretrained.tokenizer_spec, "seed": config.seed}
+            "mode": mode, "model": section, "tokenizer": config.data.tokenizer, "seed": config.seed}
     result: dict[str, Any] = {"output_dir": str(out), "converted": str(converted), **info}
     if _existing(converted, config.fingerprint()):
         log(f"{converted}: this conversion is already there; reusing it")
@@ -151,7 +151,7 @@ def retrofit(base: str, output_dir: str, *, layer: int | None = None, mode: str 
         del model
         log(f"wrote {ckpt}")
     import yaml
-    stage_keys = {"model": section, "data": {"tokenizer": pretrained.tokenizer_spec}}
+    stage_keys = {"model": section, "data": {"tokenizer": config.data.tokenizer}}
     (out / MODEL_YAML).write_text(yaml.safe_dump(stage_keys, sort_keys=False))
     if recovery_steps:
         from training.config import with_deepspeed_default
@@ -165,5 +165,5 @@ def retrofit(base: str, output_dir: str, *, layer: int | None = None, mode: str 
         result["recovery"] = run(recovery)
     log(f"done: --init_from={out} with the model section of {out / MODEL_YAML} "
         f"(model.preset={section['preset']}" + (f", model.overrides={section['overrides']}" if section["overrides"]
-                                                else "") + f"; data.tokenizer={pretrained.tokenizer_spec})")
+                                                else "") + f"; data.tokenizer={config.data.tokenizer})")
     return result

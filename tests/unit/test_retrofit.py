@@ -80,6 +80,9 @@ def test_retrofit_of_a_hf_directory_with_recovery_trains_only_the_memory(tmp_pat
                                           "data.seq_len": 16, "data.batch_size": 2, "logging.progress": False,
                                           "device": "cpu"}, log=lambda line: None)
     assert [p.name for p in list_checkpoints(out)] == ["step_000002"]
+    model_yaml = yaml.safe_load((out / "model.yaml").read_text())
+    assert model_yaml["data"]["tokenizer"] == "data_pipeline/tokenizers/tiny_bpe.model"     # the one it used
+    assert model_yaml["model"]["preset"] == "custom" and model_yaml["model"]["overrides"]["memory_layers"] == [1]
     assert (out / "summary.json").is_file() and (out / CONVERTED / "config.yaml").is_file()
     _, converted = _reload(out / CONVERTED)
     recorded, recovered = _reload(out)
