@@ -1,9 +1,13 @@
 """The trainer's own step (training/step.py `Stepper.step`), timed against minimal hand loops. One process.
 
-The Stepper is built the way training/trainer.py `_setup` builds it -- `make_plan`, `build_parallel_model`
-(the recipe's strategy, fsdp2, which in one process without a process group shards nothing), the finetuner,
-the values lane, `strategy.setup_optimizer` -- from the recipe's YAML, so the timed code is what
-`python -m recipes.train` runs for one step (minus data loading and logging).
+The Stepper is built on the trainer's own set-up, training/trainer.py `_setup` (`make_plan`,
+`build_parallel_model` with the recipe's strategy -- fsdp2, which in one process without a process group shards
+nothing --, the finetuner, the values lane, `strategy.setup_optimizer`; it also loads the recipe's tokenizer and
+data, about 0.1 s, unused here), from the recipe's YAML, so the timed code is what `python -m recipes.train`
+runs for one step (minus data loading and logging). `logging.memory_diagnostics` is off: its gradient tap
+(a diagnostics hook on the values) is not part of the method. benchmarks/dist_worker.py builds the same
+parts under a 2-rank gloo group (`build_stepper(..., dist_info=...)`, `finetune_config`, `hand_and_reimpl`,
+`finetune_variants`, `view_stepper`) for the 2-rank figures.
 
 smf_overhead_ratio_stepper (`run_finetune`): `recipes/configs/tiny_fact_learning.yaml`, method sparse (TF-IDF
 top-t, SGD on the values only; synthetic background statistics), the profile's model (N = 1024²) and batch,
@@ -53,31 +57,92 @@ def _cli_overrides(args: tuple) -> dict:
     return out
 
 
-def build_stepper(config, *, background: bool):
-    """The trainer's parts for one process (training/trainer.py `_setup` without data): returns
-    (stepper, model, values, finetuner)."""
-    from sparse_update import SparseMemoryFinetuner
-    from training.build import build_parallel_model
+def build_stepper(config, *, background: bool, dist_info=None):
+    """The trainer's set-up (training/trainer.py `_setup`) and a Stepper over it, as `trainer._loop` makes it.
+    `dist_info`: training.distributed.init_distributed's under torchrun; default one process, no group.
+    `background`: synthetic background statistics (the same on every rank). Returns (stepper, model, values,
+    finetuner)."""
+    from training import trainer
     from training.distributed import DistInfo
-    from training.step import Stepper, make_plan, optimizer_factory, set_trainable
+    from training.step import Stepper
+
+    dist_info = dist_info or DistInfo(0, 1, 0, torch.device("cpu"))
+    parts = trainer._setup(config, dist_info)
+    assert parts.grad_tap is None, "benchmarks run with logging.memory_diagnostics=False"
+    if background:
+        synthetic_background(parts.finetuner)
+    parts.strategy.module.train(config.stage == "pretrain")
+    stepper = Stepper(config=config, strategy=parts.strategy, finetuner=parts.finetuner, values_lane=parts.lane,
+                      device=dist_info.device, total_steps=max(config.max_steps, 1))
+    return stepper, parts.strategy.module, parts.values, parts.finetuner
+
+
+def view_stepper(config, stepper, view: nn.Parameter):
+    """A Stepper of `config`'s method over `stepper`'s model and strategy, training `view` (a second
+    nn.Parameter over the same table storage): its own finetuner and values lane, made as trainer._setup makes
+    them. The caller sets model.memory_values = view around its steps (and back after)."""
+    from sparse_update import SparseMemoryFinetuner
+    from training.step import Stepper, make_plan, optimizer_factory
     from training.values_lane import ValuesLane
 
-    device = torch.device("cpu")
     plan = make_plan(config)
-    strategy, _ = build_parallel_model(config, DistInfo(0, 1, 0, device),
-                                       set_trainable=lambda model, lora: set_trainable(model, plan, lora))
-    values = strategy.values
-    trainable = [p for p in strategy.module.parameters() if p.requires_grad and p is not values]
-    finetuner = SparseMemoryFinetuner(plan.sparse_args, values)
-    if background:
-        synthetic_background(finetuner)
-    lane = ValuesLane(values, optimizer_factory(config, sgd=plan.values_sgd, values=True)([values]), finetuner,
+    finetuner = SparseMemoryFinetuner(plan.sparse_args, view)
+    lane = ValuesLane(view, optimizer_factory(config, sgd=plan.values_sgd, values=True)([view]), finetuner,
                       lr_mult=config.optim.values_lr_mult, max_row_norm=config.optim.values_max_row_norm)
-    strategy.setup_optimizer(trainable, optimizer_factory(config, sgd=config.optim.optimizer == "sgd"))
-    strategy.module.train(config.stage == "pretrain")
-    stepper = Stepper(config=config, strategy=strategy, finetuner=finetuner, values_lane=lane, device=device,
-                      total_steps=max(config.max_steps, 1))
-    return stepper, strategy.module, values, finetuner
+    return Stepper(config=config, strategy=stepper.strategy, finetuner=finetuner, values_lane=lane,
+                   device=stepper.device, total_steps=stepper.total_steps)
+
+
+def finetune_config(profile, *, method: str = "sparse"):
+    """tiny_fact_learning.yaml with the profile's model (N = 1024²), batch (the global one), t; loss on every
+    token (random-token batches have no answer span); no memory diagnostics. Returns (config, overrides)."""
+    overrides = {"init_from": "x", "method": method, "sparse.top_t": profile.top_t, "optim.loss_on": "all",
+                 "logging.memory_diagnostics": False, "data.batch_size": profile.batch,
+                 "data.seq_len": profile.seq, **_model_overrides(profile.model)}
+    return _config("tiny_fact_learning.yaml", overrides), overrides
+
+
+def hand_and_reimpl(model: nn.Module, values: nn.Parameter, *, top_t: int, lr: float):
+    """The plain hand loop's view of the table (no hooks) with its SGD, and benchmarks/finetune_step's
+    re-implemented step on a third view with its own finetuner (count exchange and row sync on the process
+    group, if any). Returns (plain, opt_plain, reimpl Setup)."""
+    from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs
+    plain = nn.Parameter(values.data)
+    opt_plain = torch.optim.SGD([plain], lr=lr)
+    view = nn.Parameter(values.data)
+    ft2 = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=top_t), view)
+    synthetic_background(ft2)
+    opt2 = torch.optim.SGD([view], lr=lr)
+    ft2.attach(opt2)
+    return plain, opt_plain, Setup(model, view, plain, ft2, opt2, opt_plain, [])
+
+
+def finetune_variants(stepper, model: nn.Module, values: nn.Parameter, plain: nn.Parameter, opt_plain,
+                      reimpl, batches: list) -> dict:
+    """The interleaved finetune steps, each over its own cycler of `batches` (every variant sees the same
+    batch sequence): stepper (the trainer's Stepper.step), plain (hand loop: forward, cross-entropy, backward,
+    SGD on every accessed row of the same table; no selection, mask or values collective), reimpl
+    (finetune_step.smf_step)."""
+    nxt = {k: cycler(batches) for k in ("stepper", "plain", "reimpl")}
+    step_no = {"i": 0}
+
+    def trainer_step():
+        model.memory_values = values
+        stepper.step(nxt["stepper"](), step_no["i"])
+        step_no["i"] += 1
+
+    def plain_step():
+        model.memory_values = plain
+        hand_loss(model, nxt["plain"]()).backward()
+        opt_plain.step()
+        opt_plain.zero_grad(set_to_none=True)
+        model.memory_values = values
+
+    def reimpl_step():
+        smf_step(reimpl, nxt["reimpl"]().tokens)
+        model.memory_values = values
+
+    return {"stepper": trainer_step, "plain": plain_step, "reimpl": reimpl_step}
 
 
 def lm_batches(count: int, batch: int, seq: int, vocab: int, *, seed: int) -> list:
@@ -102,44 +167,14 @@ def _figures(times_num: dict, times_den: dict, num: str, den: str) -> dict:
 
 
 def run_finetune(profile) -> dict:
-    overrides = {"init_from": "x", "method": "sparse", "sparse.top_t": profile.top_t, "optim.loss_on": "all",
-                 "data.batch_size": profile.batch, "data.seq_len": profile.seq, **_model_overrides(profile.model)}
-    config = _config("tiny_fact_learning.yaml", overrides)
+    config, _ = finetune_config(profile)
     stepper, model, values, finetuner = build_stepper(config, background=True)
-    # the hand loop's view of the same table (no hooks), and the re-implementation's (its own finetuner)
-    from sparse_update import SparseMemoryFinetuner, SparseMemoryFinetuningArgs
-    plain = nn.Parameter(values.data)
-    opt_plain = torch.optim.SGD([plain], lr=config.optim.lr)
-    view = nn.Parameter(values.data)
-    ft2 = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, top_t=profile.top_t), view)
-    synthetic_background(ft2)
-    opt2 = torch.optim.SGD([view], lr=config.optim.lr)
-    ft2.attach(opt2)
-    reimpl = Setup(model, view, plain, ft2, opt2, opt_plain, [])
-
+    plain, opt_plain, reimpl = hand_and_reimpl(model, values, top_t=profile.top_t, lr=config.optim.lr)
     batches = lm_batches(profile.reps + profile.warmup, profile.batch, profile.seq, model.config.vocab_size, seed=1)
-    nxt = {k: cycler(batches) for k in ("stepper", "plain", "reimpl")}
-    step_no = {"i": 0}
-
-    def trainer_step():
-        model.memory_values = values
-        stepper.step(nxt["stepper"](), step_no["i"])
-        step_no["i"] += 1
-
-    def plain_step():
-        model.memory_values = plain
-        hand_loss(model, nxt["plain"]()).backward()
-        opt_plain.step()
-        opt_plain.zero_grad(set_to_none=True)
-        model.memory_values = values
-
-    def reimpl_step():
-        smf_step(reimpl, nxt["reimpl"]().tokens)
-        model.memory_values = values
+    steps = finetune_variants(stepper, model, values, plain, opt_plain, reimpl, batches)
 
     cpu: dict = {}
-    wall = interleaved({"stepper": trainer_step, "plain": plain_step, "reimpl": reimpl_step},
-                       reps=profile.reps, warmup=profile.warmup, cpu=cpu)
+    wall = interleaved(steps, reps=profile.reps, warmup=profile.warmup, cpu=cpu)
     clock = ratio_clock()
     times = cpu if clock == "cpu" else wall
     cfg = model.config
@@ -154,6 +189,7 @@ def run_finetune(profile) -> dict:
                    "batch": profile.batch, "seq": profile.seq, "reps": profile.reps, "ranks": 1,
                    "threads": torch.get_num_threads(), "config": "recipes/configs/tiny_fact_learning.yaml",
                    "method": "sparse", "strategy": f"{config.strategy} (one process, no process group)",
+                   "setup": "training.trainer._setup (logging.memory_diagnostics=False)",
                    "optimizer": f"SGD lr={config.optim.lr} (values only)", "grad_clip": config.optim.grad_clip,
                    "model": "tiny preset, " + ", ".join(f"{k}={v}" for k, v in profile.model.items())},
         "step_s": {k: summary(v) for k, v in wall.items()},
