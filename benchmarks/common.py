@@ -222,21 +222,41 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def parallel_capacity(seconds: float = 4.0) -> dict:
-    """How many cores this run really gets: the rate of a 1-thread matmul loop alone, then of two such
-    loops at once; capacity = (rate1 + rate2) / solo (2.0 on an idle 2-core machine, ~1.0 when other
-    load leaves the equivalent of one core). Context for the 2-rank figures; never asserted."""
-    code = ("import sys,time,torch\ntorch.set_num_threads(1)\na=torch.randn(512,512)\nt=time.perf_counter();n=0\n"
-            f"while time.perf_counter()-t<{seconds}:\n a@a;n+=1\nprint(n/(time.perf_counter()-t))")
-    cmd = [sys.executable, "-c", code]
+def matmul_rate(seconds: float) -> float:
+    """512 x 512 fp32 matmuls per second of this process on one torch thread, over `seconds`: the unit of
+    parallel_capacity (and of the 2-rank worker's capacity, measured in its own two ranks)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(512, 512)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            a @ a
+            n += 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
 
-    def rates(k: int) -> list[float]:
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=child_env(1)) for _ in range(k)]
-        return [float(p.communicate()[0]) for p in procs]
-    solo = rates(1)[0]
-    pair = rates(2)
+
+def capacity_from_rates(solo: float, pair: list[float]) -> dict:
+    """(rate1 + rate2) / solo: 2.0 on an idle 2-core machine, ~1.0 when other load leaves one core."""
     return {"solo_matmul_per_s": round(solo, 1), "pair_matmul_per_s": [round(x, 1) for x in pair],
             "capacity_cores": round(sum(pair) / solo, 2)}
+
+
+def parallel_capacity(seconds: float = 4.0) -> dict:
+    """How many cores this run really gets: the rate of a 1-thread matmul loop (matmul_rate) alone, then of
+    two such loops at once, in fresh processes; see capacity_from_rates. Context for the 2-rank figures;
+    never asserted."""
+    cmd = [sys.executable, "-c", f"from benchmarks.common import matmul_rate; print(matmul_rate({seconds}))"]
+
+    def rates(k: int) -> list[float]:
+        procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env=child_env(1))
+                 for _ in range(k)]
+        return [float(p.communicate()[0]) for p in procs]
+    solo = rates(1)[0]
+    return capacity_from_rates(solo, rates(2))
 
 
 # ----------------------------------------------------------------------------------- subprocesses

@@ -1,4 +1,4 @@
-"""The finetune step that items 1-3 time: forward, TF-IDF selection, backward, row mask/sync, SGD.
+"""A re-implemented finetune step (item smf_overhead; grad_worker.py uses its set-up): forward, TF-IDF selection, backward, row mask/sync, SGD.
 
 It follows training/step.py (Stepper.step) for the values-only methods: the finetuner selects rows
 from the forward's memory indices, backward runs the finetuner's masking tensor hook, then
@@ -6,8 +6,10 @@ the optimizer step, whose pre-hook masks and all-reduces the t selected rows (wh
 
 `Setup` holds two views of the one values table: `values` carries the finetuner's hooks, `plain`
 is a second nn.Parameter over the same storage with no hooks, so the "no selection" step trains the
-very same table in the same process without the finetuner seeing it (`make_union` adds a third view
-for the 2-rank worker).
+very same table in the same process without the finetuner seeing it.
+
+Item smf_overhead times this re-implementation; smf_overhead_ratio_stepper (stepper_bench.py) and the 2-rank
+figures (dist_worker.py) time the trainer's own Stepper.step and run `smf_step` beside it only as a cross-check.
 """
 from __future__ import annotations
 
@@ -80,44 +82,6 @@ def smf_step(s: Setup, tokens: torch.Tensor, *, phase=None) -> float:
         phase(None)
     s.sync_s.append(time.perf_counter() - t0)
     s.opt.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
-@dataclass
-class UnionSync:
-    """A third view of the same table trained like the library's `memory_all` method: no TF-IDF, every
-    accessed row trains, and the union of accessed rows is all-reduced so replicas stay identical (the
-    cheapest *correct* multi-rank step without selection)."""
-    values: nn.Parameter
-    finetuner: SparseMemoryFinetuner
-    opt: torch.optim.Optimizer
-
-
-def make_union(s: Setup) -> UnionSync:
-    values = nn.Parameter(s.values.data)
-    finetuner = SparseMemoryFinetuner(SparseMemoryFinetuningArgs(enabled=True, mode="all_accessed"), values)
-    opt = torch.optim.SGD([values], lr=LR)
-    finetuner.attach(opt)
-    return UnionSync(values, finetuner, opt)
-
-
-def union_step(s: Setup, u: UnionSync, tokens: torch.Tensor, *, phase=None) -> float:
-    s.model.memory_values = u.values
-    out = s.model(tokens)
-    if phase:
-        phase("selection")
-    u.finetuner.update_trainable_indices(out.memory_indices)
-    if phase:
-        phase(None)
-    loss = lm_loss(out.logits, tokens)
-    loss.backward()
-    if phase:
-        phase("values_sync")
-    u.opt.step()                 # the pre-hook all-reduces the union of accessed rows, then SGD
-    if phase:
-        phase(None)
-    u.opt.zero_grad(set_to_none=True)
-    s.model.memory_values = s.values
     return float(loss.detach())
 
 

@@ -31,6 +31,7 @@ FIGURES: dict[str, tuple] = {
     "trainer_vs_plain_loop_ratio": ("trainer_vs_plain_loop", ">= 0.9", lambda v: v >= 0.9, None),
     "smf_overhead_ratio_2rank": ("sync_traffic", "<= 1.05", lambda v: v <= 1.05, None),
     "smf_vs_union_sync_ratio_2rank": ("sync_traffic", None, None, None),
+    "cpu_parallel_capacity_2rank": ("sync_traffic", None, None, None),
     "sparse_vs_dense_time_ratio": ("sparse_vs_dense", "<= 0.6", lambda v: v <= 0.6, "0.57 (0.84 / 1.48 s)"),
     "sparse_vs_dense_mem_ratio": ("sparse_vs_dense", "<= 0.6", lambda v: v <= 0.6, None),
     "sparse_vs_dense_peak_rss_ratio": ("sparse_vs_dense", None, None, "0.69 (1.87 / 2.70 GB)"),
@@ -126,12 +127,15 @@ def item_sparse_vs_dense(p: Profile, figures: dict) -> dict:
 
 
 def item_sync_traffic(p: Profile, figures: dict) -> dict:
+    """The trainer's Stepper under a 2-rank gloo group (torchrun); see dist_worker.py, which also measures
+    the CPU parallel capacity in its two ranks just before and just after the timed steps."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     with tempfile.TemporaryDirectory(prefix="smf_bench_") as tmp:
         out = Path(tmp) / "dist.json"
         res = run_json([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "benchmarks.dist_worker", "--profile", json.dumps(p.to_dict()), "--out", str(out)],
                        out=out, timeout=1800, threads=p.threads or max(1, cores // 2))
+    figures["cpu_parallel_capacity_2rank"] = res["cpu_parallel_capacity"]["capacity_cores"]
     figures["sync_bytes_ratio"] = res["sync_bytes_ratio"]
     figures["sync_bytes_ratio_incl_counts"] = res["sync_bytes_ratio_incl_counts"]
     figures["count_bytes_ratio"] = res["count_bytes_ratio"]

@@ -6,9 +6,10 @@ Two steps on one model and one values table, interleaved rep by rep on the same 
           SGD on the t selected rows;
   plain - forward, backward, SGD on the same table with no selection (every accessed row moves).
 Ratio smf / plain, median of per-rep ratios of CPU time (one thread; see common.ratio_clock; the
-wall-clock ratio is kept as ratio_wall). The 2-rank version, where the sync really all-reduces, is in dist_worker.py.
-The step is benchmarks/finetune_step.smf_step, a re-implementation of the trainer's; item smf_overhead_stepper
-(stepper_bench.py) times the trainer's own Stepper.step against the same plain step, and this step beside it.
+wall-clock ratio is kept as ratio_wall). The step is benchmarks/finetune_step.smf_step, a re-implementation of
+the trainer's; item smf_overhead_stepper (stepper_bench.py) times the trainer's own Stepper.step against the same
+plain step, and this step beside it; the 2-rank figure (dist_worker.py) times the trainer's Stepper under a
+2-process gloo group, where the count exchange and the row sync really communicate.
 """
 from __future__ import annotations
 

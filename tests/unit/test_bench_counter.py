@@ -25,6 +25,8 @@ def test_measure_counts_what_each_collective_leaves_on_a_rank():
     # all_gather: the whole output (world x the input), as count_bytes_last_step counts it
     assert CollectiveCounter.measure("all_gather", ([x.clone(), x.clone()], x), {})[0] == 48
     assert CollectiveCounter.measure("all_gather_into_tensor", (torch.zeros(6, 2, dtype=torch.int32), x), {})[0] == 48
+    # FSDP2's parameter all-gather (torch 2.13: dist.all_gather_single), the whole output
+    assert CollectiveCounter.measure("all_gather_single", (torch.zeros(12, dtype=torch.float32), x), {})[0] == 48
     obj_bytes = CollectiveCounter.measure("all_gather_object", ([None, None], {"a": 1}), {})[0]
     assert obj_bytes > 0 and obj_bytes % 2 == 0
 

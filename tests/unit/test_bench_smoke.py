@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 FLOAT_KEYS = ("smf_overhead_ratio", "sparse_vs_dense_time_ratio", "sparse_vs_dense_mem_ratio", "sync_bytes_ratio",
               "pk_vs_bruteforce_speedup", "memory_vs_ffn_time_ratio", "tokens_per_s_1rank", "tokens_per_s_2rank",
-              "smf_overhead_ratio_stepper", "trainer_vs_plain_loop_ratio", "count_bytes_ratio")
+              "smf_overhead_ratio_stepper", "trainer_vs_plain_loop_ratio", "count_bytes_ratio",
+              "smf_overhead_ratio_2rank", "smf_vs_union_sync_ratio_2rank", "cpu_parallel_capacity_2rank")
 
 
 @pytest.mark.distributed
@@ -51,6 +52,11 @@ def test_runner_smoke_writes_every_figure(tmp_path):
     n, d, t = sync["inputs"]["N"], sync["inputs"]["d"], sync["inputs"]["t"]
     assert sync["values_sync_bytes"] == (t * d + 1) * 4 and sync["dense_bytes"] == n * d * 4
     assert sync["values_checksum_equal_across_ranks_after_smf_step"] is True
+    # the 2-rank figures time the trainer's own Stepper (beside the hand loop, memory_all and the re-implementation)
+    assert sync["inputs"]["step"].startswith("training.step.Stepper.step") and sync["inputs"]["ranks"] == 2
+    assert set(sync["step_s"]) == {"stepper", "plain", "union_sync", "reimpl"}
+    assert all(v["n"] == results["profile_sizes"]["dist_reps"] for v in sync["step_s"].values())
+    assert sync["selected_rows"] == t and sync["fsdp_allgather_bytes"] > 0   # FSDP2 shards the frozen weights
     for name, alt in items["pk_lookup"]["alternatives"].items():   # benchmark-local top-k variants
         assert alt["identical_to_ours"] is True, name
     # a CPU machine records why the CUDA throughput was skipped
