@@ -1,10 +1,12 @@
-"""Model configuration: one dataclass per component, presets, and override resolution."""
+"""Model configuration: one dataclass per component, presets, and `make_config` (overrides resolved by
+model/resolver.py, the job config's resolver too)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from model.resolver import update_dataclass
 
 
 @dataclass
@@ -144,76 +146,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert an override to the field's declared type, or raise a one-line ValueError."""
-    ann = str(annotation)
-    try:
-        if ann.startswith("tuple"):
-            if isinstance(value, str):
-                value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
-            if isinstance(value, (int, float)):
-                value = [value]
-            return tuple(int(v) for v in value)
-        if ann == "bool":
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-                return value.lower() in ("true", "1")
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if ann in ("int", "int | None"):
-            if value is None and "None" in ann:
-                return None
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise TypeError
-            return int(value)
-        if ann.startswith("float"):
-            if value is None and "None" in ann:
-                return None
-            if isinstance(value, bool):
-                raise TypeError
-            return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r} has the wrong type: expected {ann}") from None
-    return value
-
-
-def update_dataclass(obj: Any, updates: dict[str, Any], *, prefix: str) -> Any:
-    """Return a copy of dataclass `obj` with nested `updates` applied; unknown keys raise ValueError."""
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    changes = {}
-    for key, value in updates.items():
-        if key not in fields:
-            raise ValueError(f"unknown config key '{prefix}{key}'; valid keys: {', '.join(sorted(fields))}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"{prefix}{key} must be a mapping of its fields, got {value!r}")
-            changes[key] = update_dataclass(current, value, prefix=f"{prefix}{key}.")
-        else:
-            changes[key] = _coerce(value, fields[key].type, f"{prefix}{key}")
-    return dataclasses.replace(obj, **changes)
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """Turn {'memory.heads': 8} / {'memory_heads'...} style keys into nested dicts."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        parts = key.split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            node[parts[-1]].update(value)
-        else:
-            node[parts[-1]] = value
-    return nested
-
-
 def make_config(preset: str, **overrides: Any) -> ModelConfig:
     """Preset + overrides (`dim=512`, `memory={'heads': 8}` or `**{'memory.heads': 8}`) -> validated config."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset '{preset}'; choose one of: {', '.join(PRESETS)}")
-    config = update_dataclass(ModelConfig(), _nest(PRESETS[preset]), prefix="model.")
-    config = update_dataclass(config, _nest(overrides), prefix="model.")
+    config = update_dataclass(ModelConfig(), PRESETS[preset], prefix="model.")
+    config = update_dataclass(config, overrides, prefix="model.")
     config.validate()
     return config

