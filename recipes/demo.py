@@ -1,6 +1,7 @@
 """`make demo`: the paper's experiment in miniature, end to end, through the same stages users run at scale.
 
     python recipes/demo.py [--world synthetic|triviaqa] [--out runs/demo] [--nproc 2] [--quick] [--fresh-base]
+                           [--fresh-sweep]
 
 --world synthetic (default): the synthetic knowledge world of data_pipeline/world.py (people with
    two-token names, three relations with one-token answers; generated into data/world/ when missing),
@@ -11,8 +12,9 @@
 1. pretrain the tiny model on prose + the "known" facts (cached in OUT/base: reused when complete);
 2. background statistics over prose + statements of other facts (cached in OUT/background); its
    summary holds the memory-health gate (health/*), printed before any finetune;
-3. learn a stream of new facts with every method, a small lr sweep each (recipes/sweep.py;
-   re-run every time, one run directory per point);
+3. learn a stream of new facts with every method, a small lr sweep each (recipes/sweep.py, one run
+   directory per point in OUT/finetune; a point finished with the same config is reused, as the base is:
+   a second run only redraws the tables, `--fresh-sweep` runs every point again);
 4. every run evaluates new-fact F1 (learning), known-fact F1 and held-out prose NLL (forgetting; the
    TriviaQA world adds GSM8K NLL and HellaSwag accuracy) before and after (its summary.json);
 5. print a table, write OUT/pareto.png, OUT/pareto_nll.png and OUT/results.md.
@@ -22,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -48,6 +51,21 @@ QUICK_DATA = ["--data.facts=data_pipeline/samples/triviaqa_validation_sample.jso
               "--eval.hellaswag=data_pipeline/samples/hellaswag_val_sample.jsonl"]
 COLUMNS = [("new_facts/f1", "new F1"), ("known_facts/f1", "known F1"), ("heldout_text/nll", "prose NLL"),
            ("gsm8k/nll", "GSM8K NLL"), ("hellaswag/acc_norm", "HellaSwag acc_norm")]
+
+
+QUICK_GRIDS = ["method=sparse lr=100 t=50", "method=full lr=1e-4", "method=lora lr=1e-3", "method=tf_only lr=100 t=50",
+               "method=memory_all lr=100"]
+
+
+def sweep_points(preset: str, grids: list[str]) -> set[str]:
+    """The point names of this demo's sweep (the preset's, or the quick grids'), as recipes/sweep.py names
+    them: the tables hold these only, whatever else lies in the sweep directory."""
+    spec = importlib.util.spec_from_file_location("demo_sweep", REPO / "recipes" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep          # dataclasses look their module up
+    spec.loader.exec_module(sweep)
+    parsed = [sweep.parse_grid(g) for g in grids] if grids else sweep.load_preset(preset)[0]["grids"]
+    return {p.name for p in sweep.build_points(parsed)}
 
 
 def launcher(nproc: int) -> list[str]:
@@ -260,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="default runs/demo (synthetic) or runs/demo_triviaqa")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="cut-down run (tests): few steps, facts and points")
-    ap.add_argument("--fresh-base", action="store_true", help="retrain the cached base and background")
+    ap.add_argument("--fresh-base", action="store_true", help="retrain the cached base and background (and the sweep)")
+    ap.add_argument("--fresh-sweep", action="store_true",
+                    help="run every finetune point again (default: reuse the finished points of the same config)")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = "runs/demo" if args.world == "synthetic" else "runs/demo_triviaqa"
@@ -293,19 +313,22 @@ def main(argv: list[str] | None = None) -> int:
     health = json.loads((background / "summary.json").read_text()).get("health", {})
     print("\n=== memory health of the base (the gate before a finetune sweep)\n" + "\n".join(health_lines(health)),
           flush=True)
-    shutil.rmtree(sweep, ignore_errors=True)
+    if args.fresh_sweep or args.fresh_base:
+        shutil.rmtree(sweep, ignore_errors=True)
     # quick: one point per method instead of the preset's lr sweep
-    grid = (["--base-config", str(configs / "fact_learning.yaml"), "--grid", "method=sparse lr=100 t=50",
-             "--grid", "method=full lr=1e-4", "--grid", "method=lora lr=1e-3", "--grid", "method=tf_only lr=100 t=50",
-             "--grid", "method=memory_all lr=100"]
-            if args.quick else ["--preset", preset])
+    grids = QUICK_GRIDS if args.quick else []
+    grid = ["--base-config", str(configs / "fact_learning.yaml"), *[w for g in grids for w in ("--grid", g)]] \
+        if args.quick else ["--preset", preset]
+    # finished points of the same config are reused (sweep.py compares each one's recorded fingerprint) and
+    # those of another config are run again
     sweep_cmd = [sys.executable, str(REPO / "recipes" / "sweep.py"), *grid, f"--init_from={background}",
-                 f"--out={sweep}", f"--nproc={args.nproc}", *extra]
+                 f"--out={sweep}", f"--nproc={args.nproc}", "--rerun_stale", *extra]
     timings["finetune sweep"] = stage(f"3/3 learn new facts: every method of the {preset!r} sweep",
                                       sweep_cmd, log)
 
+    names = sweep_points(preset, grids)
     runs = []
-    for run_dir in sorted(p for p in sweep.iterdir() if finished(p)):
+    for run_dir in sorted(p for p in sweep.iterdir() if p.name in names and finished(p)):
         summary = json.loads((run_dir / "summary.json").read_text())
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
         summary["_passes"] = int((config.get("data") or {}).get("passes", 1))    # the regime of the run

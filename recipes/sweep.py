@@ -12,7 +12,9 @@ which is how each method gets its own lr grid. KEY is a config key (`optim.lr`) 
         --method=... --optim.lr=... --sparse.top_t=... --init_from=RUN [--section.key=value ...]
 
 with NAME built from the point (`sparse_lr2_t500`). A point whose run directory already holds
-summary.json is finished and skipped; an unfinished one resumes from its latest checkpoint. Every point's
+summary.json of the same config (the fingerprint in its config.yaml) is finished and skipped; one finished by
+a run of another config is an error (`--rerun_stale`: run it again); an unfinished one resumes from its
+latest checkpoint. Every point's
 config is validated before anything runs. Presets are recipes/configs/sweeps/NAME.yaml (the paper's
 grids, DESIGN.md 2, and a tiny CPU one). `--slurm` writes OUT/sweep_points.tsv and submits
 slurm/sweep_array.sh as one array (a task per unfinished point) instead of running locally.
@@ -59,10 +61,26 @@ class Point:
     overrides: dict[str, Any]          # config key -> value (axes and fixed keys), method first
     run_dir: Path = Path()
     args: list[str] = field(default_factory=list)
+    fingerprint: str = ""              # of the config train.py will resolve for it (set by validate)
 
     @property
     def finished(self) -> bool:
         return (self.run_dir / "summary.json").is_file()
+
+    def recorded_fingerprint(self) -> str | None:
+        """The fingerprint train.py recorded in the run directory's config.yaml (None when unreadable)."""
+        import yaml
+
+        try:
+            recorded = yaml.safe_load((self.run_dir / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            return None
+        return recorded.get("fingerprint") if isinstance(recorded, dict) else None
+
+    @property
+    def stale(self) -> bool:
+        """Finished, but by a run of another config (the grid, base config or init_from changed since)."""
+        return self.finished and self.recorded_fingerprint() != self.fingerprint
 
 
 # ---- grids ------------------------------------------------------------------------------------------
@@ -218,7 +236,7 @@ def validate(points: list[Point], *, base_config: Path, init_from: str | None, e
         if init_from:
             cli["init_from"] = init_from
         try:
-            resolve_config(str(base_config), cli)
+            point.fingerprint = resolve_config(str(base_config), cli).fingerprint()
         except ValueError as err:
             raise UsageError(f"point {point.name}: {str(err).splitlines()[0]}") from None
 
@@ -318,6 +336,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("--sbatch_args", "--sbatch-args", default="", help="extra sbatch options: --sbatch_args='--gres=gpu:8 --time=4:00:00'")
     parser.add_argument("--max_parallel", "--max-parallel", type=int, default=0, help="array tasks at once (0 = no cap)")
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="list the points and commands; run nothing")
+    parser.add_argument("--rerun_stale", "--rerun-stale", action="store_true",
+                        help="a point finished by a run of another config is deleted and run again (default: error)")
     parser.add_argument("--plot", help="afterwards, plot the finished points (recipes/plot_pareto.py) to this PNG")
     parser.add_argument("--plot_y", "--plot-y", default=None, help="held-out metric of the plot (default: preset's)")
     parser.add_argument("--train_script", "--train-script", default=str(TRAIN), help=argparse.SUPPRESS)
@@ -376,6 +396,15 @@ def _main(args: argparse.Namespace, extra: dict[str, str]) -> int:
         point.run_dir = out / point.name
         point.args = train_args(point, base_config=base_config, init_from=init_from, extra=extra)
     validate(points, base_config=base_config, init_from=init_from, extra=extra)
+    stale = [p for p in points if p.stale]
+    if stale and not args.rerun_stale:
+        raise UsageError(f"{stale[0].run_dir} holds a finished run of another config" +
+                         (f" ({len(stale) - 1} more point(s) too)" if len(stale) > 1 else "") +
+                         "; pass --rerun_stale to run them again, or use another --out")
+    for point in stale:
+        if not args.dry_run:
+            print(f"sweep: {point.name}: finished with another config; running it again", flush=True)
+            shutil.rmtree(point.run_dir)
 
     nproc = args.nproc or 1
     num_done = sum(p.finished for p in points)

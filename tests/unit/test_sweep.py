@@ -91,6 +91,7 @@ def test_finished_points_are_skipped_and_the_rest_run(capsys, tmp_path, init_run
     done.mkdir(parents=True)
     (done / "summary.json").write_text('{"fabricated": true}')
     args = ["--preset", "tiny_fact_learning", "--init_from", init_run, "--out", out_dir, "--max_steps=1"]
+    (done / "config.yaml").write_text(f"fingerprint: {point_fingerprint(done, init_run)}\n")
 
     rc, out, _ = run_sweep(capsys, *args, "--dry_run")
     rows = listed(out)
@@ -111,6 +112,36 @@ def test_finished_points_are_skipped_and_the_rest_run(capsys, tmp_path, init_run
     # a second run has nothing left to do
     rc, out, _ = run_sweep(capsys, *args, "--train_script", FAKE_TRAIN)
     assert rc == 0 and "0 to run" in out and "running" not in out
+
+
+def point_fingerprint(run_dir: Path, init_run: Path, **overrides) -> str:
+    """What train.py would record for the point at run_dir (named METHOD_lrL[_tT]) on BASE."""
+    from training.config import resolve_config
+
+    method, rest = run_dir.name.split("_lr")
+    lr, _, t = rest.partition("_t")
+    cli = {"method": method, "optim.lr": lr, **({"sparse.top_t": t} if t else {}), "init_from": str(init_run),
+           "output_dir": str(run_dir), **overrides}
+    return resolve_config(str(BASE), cli).fingerprint()
+
+
+def test_a_point_finished_with_another_config_is_an_error_or_rerun(capsys, tmp_path, init_run):
+    out_dir = tmp_path / "sweep"
+    args = ["--preset", "tiny_fact_learning", "--init_from", init_run, "--out", out_dir, "--max_steps=1"]
+    old = out_dir / "sparse_lr30_t1000"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text('{"fabricated": true}')
+    # finished by the same grid point but another config (here another seed): never silently reused
+    (old / "config.yaml").write_text(f"fingerprint: {point_fingerprint(old, init_run, seed='7')}\n")
+    rc, _, err = run_sweep(capsys, *args, "--train_script", FAKE_TRAIN)
+    assert rc == 2 and "sparse_lr30_t1000 holds a finished run of another config" in err
+    assert "--rerun_stale" in err and len(err.strip().splitlines()) == 1
+    assert json.loads((old / "summary.json").read_text()) == {"fabricated": True}
+    rc, out, _ = run_sweep(capsys, *args, "--train_script", FAKE_TRAIN, "--rerun_stale")
+    assert rc == 0 and "sparse_lr30_t1000: finished with another config; running it again" in out
+    assert json.loads((old / "summary.json").read_text())["steps"] == 1
+    rc, out, _ = run_sweep(capsys, *args, "--train_script", FAKE_TRAIN)
+    assert rc == 0 and "0 to run" in out
 
 
 def test_failed_point_is_reported_and_the_sweep_goes_on(capsys, tmp_path, init_run):
@@ -149,6 +180,8 @@ def test_slurm_submits_one_array_over_unfinished_points(capsys, tmp_path, init_r
     out_dir = tmp_path / "sweep"
     (out_dir / "sparse_lr2_t100").mkdir(parents=True)
     (out_dir / "sparse_lr2_t100" / "summary.json").write_text("{}")
+    (out_dir / "sparse_lr2_t100" / "config.yaml").write_text(
+        f"fingerprint: {point_fingerprint(out_dir / 'sparse_lr2_t100', init_run, device='cpu')}\n")
     rc, out, _ = run_sweep(capsys, "--grid", "method=sparse lr=2 t=100,200,300", "--base-config", BASE,
                            "--init_from", init_run, "--out", out_dir, "--slurm", "--nproc", "2",
                            "--sbatch_args=--gres=none --cpus-per-task=2", "--device=cpu")
@@ -203,7 +236,8 @@ def test_plot_of_finished_points(capsys, tmp_path, init_run, monkeypatch):
         write_summary(run_dir / "summary.json", build_summary(
             stage="finetune", method=method, steps=4, wall_time_s=1.0, trainable_params_per_step=1000,
             before={"new_facts/f1": 0.0, "known_facts/f1": 0.64}, after={"new_facts/f1": new, "known_facts/f1": known}))
-        (run_dir / "config.yaml").write_text(f"method: {method}\noptim:\n  lr: {name.split('_lr')[1]}\n")
+        (run_dir / "config.yaml").write_text(f"fingerprint: {point_fingerprint(run_dir, init_run)}\nmethod: {method}\n"
+                                             f"optim:\n  lr: {name.split('_lr')[1]}\n")
     png = tmp_path / "pareto.png"
     rc, out, _ = run_sweep(capsys, "--grid", "method=sparse,full lr=2,0.1", "--grid", "method=full lr=2",
                            "--base-config", BASE, "--init_from", init_run, "--out", out_dir, "--plot", png,
