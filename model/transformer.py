@@ -1,7 +1,8 @@
 """Llama-style decoder (RMSNorm, RoPE, SwiGLU, SDPA) with product-key memory layers.
 
-The model is plain nn.Modules: it knows nothing of FSDP, DeepSpeed or TF-IDF. It owns the one values
-table (`memory_values`) and passes it to every memory layer at call time.
+The model is plain nn.Modules: it knows nothing of FSDP, DeepSpeed or TF-IDF. It holds the one values
+table (`memory_values`) and passes it to every memory layer at call time: its own registered parameter when
+built alone, or a table it reads by reference (`use_values`) when a trainer owns the table.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from model.memory import ProductKeyMemory
 
 
 VALUES_KEY = "memory_values"
-"""The name of the one values table every memory layer reads (a parameter of Transformer)."""
+"""The name of the one values table every memory layer reads (Transformer.memory_values)."""
 
 
 @dataclass
@@ -157,6 +158,15 @@ class Transformer(nn.Module):
                 indices.append(idx)
         aux = torch.stack(balance).mean() if balance else None
         return ModelOutput(logits=self.output(self.norm(h)).float(), memory_indices=indices, balance_loss=aux)
+
+    def use_values(self, table: Tensor | None) -> None:
+        """Read `table` as the values table from now on, held by reference: a plain attribute, no longer a
+        registered parameter. Module-wide machinery then never touches it: parameters(), state_dict(),
+        to()/to_empty(), FSDP2 and DeepSpeed (ZeRO-3 partitions every registered parameter of the module it is
+        given, with no way to leave one out). Its owner trains, syncs and saves it (training/build.py: the
+        values lane's table, the same tensor the strategy and the finetuner get)."""
+        delattr(self, VALUES_KEY)                      # the registered parameter (or an earlier table)
+        object.__setattr__(self, VALUES_KEY, table)    # nn.Module.__setattr__ would register a Parameter again
 
     # ---- initialisation -------------------------------------------------------------------------
     def init_tensor_(self, name: str, tensor: Tensor, generator: torch.Generator) -> None:

@@ -69,10 +69,12 @@ def write_run(run_dir: Path, model, config, *, info: dict[str, Any]) -> Path:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     dist_info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    strategy = FSDP2Strategy(model, values=model.memory_values, dist_info=dist_info)   # no process group: no sharding
+    values = model.memory_values
+    model.use_values(values)          # the table is saved beside the strategy's checkpoint, as the trainer's
+    strategy = FSDP2Strategy(model, values=values, dist_info=dist_info)   # no process group: no sharding
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"fingerprint": config.fingerprint(), **config.to_dict()},
                                                         sort_keys=False))
-    ckpt = C.save_checkpoint(run_dir, 0, strategy=strategy, values=model.memory_values, values_optimizer=None,
+    ckpt = C.save_checkpoint(run_dir, 0, strategy=strategy, values=values, values_optimizer=None,
                              sparse_state=None,
                              trainer_state={"stage": "pretrain", "method": "-", "fingerprint": config.fingerprint(),
                                             "natural_steps": None, "metrics_offset": 0, "retrofit": info},

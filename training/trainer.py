@@ -228,7 +228,7 @@ def _setup(config, dist_info) -> _Parts:
     strategy, lora_names = build_parallel_model(
         config, dist_info, set_trainable=lambda model, lora: set_trainable(model, plan, lora))
     model = strategy.module
-    values = strategy.values          # materialising replaces parameter objects: take them afterwards
+    values = strategy.values          # build.py's table: the model, the strategy and the finetuner share it
     trainable = [p for p in strategy.module.parameters() if p.requires_grad and p is not values]
 
     tokenizer = load_tokenizer(config, model.config.vocab_size)

@@ -87,7 +87,7 @@ def test_retrofit_of_a_hf_directory_with_recovery_trains_only_the_memory(tmp_pat
     _, converted = _reload(out / CONVERTED)
     recorded, recovered = _reload(out)
     assert recorded.optim.trainable == "memory" and recorded.init_from == str(out / CONVERTED)
-    before, after = converted.state_dict(), recovered.state_dict()
+    before, after = ({**m.state_dict(), "memory_values": m.memory_values} for m in (converted, recovered))
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert "memory_values" in moved and moved <= {k for k in before if ".memory." in k or k == "memory_values"}
 
@@ -121,13 +121,14 @@ def test_optim_trainable_memory_trains_only_the_memory_and_keeps_old_fingerprint
 
 
 def test_single_process_fsdp2_keeps_tied_embeddings_tied():
+    from training.build import init_fn_of, values_table
     from training.distributed import DistInfo
     from training.parallel.fsdp2 import FSDP2Strategy
     model = build_model("tiny", device="meta", tie_embeddings=True, vocab_size=64, dim=32, n_layers=2, n_heads=2,
                         memory_layers=(1,), memory={"num_slots": 256, "k": 4, "k_dim": 16, "value_dim": 16})
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    strategy = FSDP2Strategy(model, values=model.memory_values, dist_info=info)
-    strategy.materialize(strategy.module.init_tensor_, 0)
+    strategy = FSDP2Strategy(model, values=values_table(model, info.device, 0), dist_info=info)
+    strategy.materialize(init_fn_of(model, 0))
     assert strategy.module.output.weight is strategy.module.tok_embeddings.weight
 
 

@@ -1,7 +1,8 @@
 """One seam for every parallelism strategy; the training loop never branches on which one runs.
 
-A strategy shards everything except the memory values table, which stays a replicated plain tensor
-trained by its own optimizer with the sparse_update hook (see training/step.py).
+A strategy shards the module; the memory values table is not part of it (training/build.py creates the table
+and the model reads it by reference): it stays a replicated plain tensor trained by the values lane with the
+sparse_update hook (training/values_lane.py).
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ class Strategy(Protocol):
     module: nn.Module
     """What the loop calls for the forward pass."""
     values: nn.Parameter | None
-    """The replicated memory values table (read after materialize: it may be a new object)."""
+    """The replicated memory values table, as build.py made it (outside the module; the strategy leaves it be)."""
 
-    def materialize(self, init_fn: Any, seed: int) -> None:
-        """Allocate the meta-built model on this rank (shards only) and initialise it deterministically."""
+    def materialize(self, init_fn: Any) -> None:
+        """Allocate the meta-built model on this rank (shards only); `init_fn(name, full_tensor)` initialises
+        each parameter deterministically (build.init_fn_of: the parameter's own generator)."""
 
     def setup_optimizer(self, params: list[nn.Parameter], factory: Any) -> None:
         """Create the optimizer of the sharded/engine-managed trainable parameters (may be empty)."""

@@ -1,6 +1,7 @@
-"""FSDP2: `fully_shard` per block and at the root, the values table in `ignored_params`.
+"""FSDP2: `fully_shard` per block and at the root.
 
-Ignored parameters are neither sharded nor gradient-reduced: the values table stays a replicated plain
+The values table is not a parameter of the module (training/build.py creates it and the model reads it by
+reference, `Transformer.use_values`), so it is neither sharded nor gradient-reduced: it stays a replicated plain
 tensor and the sparse_update hook syncs its selected rows (DESIGN.md section 4).
 """
 from __future__ import annotations
@@ -16,28 +17,26 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from model import VALUES_KEY
-
 
 class FSDP2Strategy:
     def __init__(self, model: nn.Module, *, values: nn.Parameter | None, dist_info) -> None:
+        assert values is None or all(p is not values for p in model.parameters()), \
+            "the values table must be outside the module (Transformer.use_values, training/build.py)"
         self.dist_info = dist_info
         self.values = values
         self.optimizer: torch.optim.Optimizer | None = None
         if dist_info.distributed:
             from torch.distributed.fsdp import fully_shard
-            ignored = {values} if values is not None else None
             for block in model.layers:
-                fully_shard(block, ignored_params=ignored)
-            fully_shard(model, ignored_params=ignored)
+                fully_shard(block)
+            fully_shard(model)
         self.module = model
 
     # ---- weights -------------------------------------------------------------------------------
     @torch.no_grad()
-    def materialize(self, init_fn: Callable[[str, torch.Tensor, torch.Generator], None], seed: int) -> None:
-        """Allocate this rank's shards and fill them from full-size per-parameter tensors, so the
-        initial model is the same for every world size (one parameter is full-size at a time)."""
-        from model import Transformer
+    def materialize(self, init_fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Allocate this rank's shards and fill them from full-size per-parameter tensors (`init_fn(name,
+        full)`), so the initial model is the same for every world size (one parameter is full-size at a time)."""
         device = self.dist_info.device
         # Without fully_shard (one process), to_empty makes one new parameter per module, which unties shared
         # weights (tie_embeddings): note the aliases first and tie them again after (fully_shard keeps them tied)
@@ -53,9 +52,8 @@ class FSDP2Strategy:
             if self.module.get_parameter(alias) is not self.module.get_parameter(canonical):
                 setattr(self.module.get_submodule(owner), attr, self.module.get_parameter(canonical))
         for name, param in self.module.named_parameters():
-            gen = Transformer.param_generator(seed, name, device)
             full = torch.empty(param.shape, dtype=param.dtype, device=device)
-            init_fn(name, full, gen)
+            init_fn(name, full)
             if isinstance(param, DTensor):
                 shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
                 param.to_local().copy_(shard.to_local())
@@ -64,7 +62,6 @@ class FSDP2Strategy:
         for module in self.module.modules():
             if isinstance(module, nn.BatchNorm1d):
                 module.reset_running_stats()
-        self.values = getattr(self.module, VALUES_KEY, None)   # to_empty made new parameter objects
 
     # ---- optimisation --------------------------------------------------------------------------
     def setup_optimizer(self, params: list[nn.Parameter], factory: Callable[[list], torch.optim.Optimizer]) -> None:
@@ -101,9 +98,7 @@ class FSDP2Strategy:
     _OPTS = StateDictOptions(full_state_dict=False, cpu_offload=False)
 
     def _model_state(self) -> dict[str, Any]:
-        state = get_model_state_dict(self.module, options=self._OPTS)
-        state.pop(VALUES_KEY, None)
-        return state
+        return get_model_state_dict(self.module, options=self._OPTS)
 
     def save(self, path: str) -> None:
         state: dict[str, Any] = {"model": self._model_state()}

@@ -1,10 +1,12 @@
 """DeepSpeed ZeRO stage 1/2/3 behind the strategy seam; the values table stays outside the engine.
 
 Why outside: ZeRO 1-3 wrap the optimizer, so torch optimizer hooks never see an engine parameter, and
-sparse gradients fail at stages 1-3 (DESIGN.md section 4). The table is removed from the module's
-registered parameters and kept as a plain attribute (`self.memory_values` in forward still finds it);
-DeepSpeed never sees it, so no stage partitions, reduces or checkpoints it. The trainer gives it its
-own optimizer with the sparse_update mask + row-sync hook and saves it, exactly as under FSDP2.
+sparse gradients fail at stages 1-3 (DESIGN.md section 4). DeepSpeed takes every registered parameter of the
+module it is given (ZeRO-3 partitions them all; there is no way to leave one out), so the table is not one:
+training/build.py creates it and the model reads it by reference (`Transformer.use_values`, a plain attribute
+that `self.memory_values` in forward finds). DeepSpeed never sees it, so no stage partitions, reduces or
+checkpoints it. The trainer gives it its own optimizer with the sparse_update mask + row-sync hook and saves
+it, exactly as under FSDP2.
 
 Life cycle (the order trainer.py calls the seam in):
   materialize     deterministic init from the same per-parameter generators as FSDP2, so both
@@ -57,7 +59,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from model import VALUES_KEY
 DS_SUBDIR = "deepspeed"
 DS_TAG = "engine"
 LOAD_BUDGET_BYTES = 1 << 30   # full tensors held per DCP read round when loading model weights
@@ -170,23 +171,18 @@ class ZeroStrategy:
         self.optimizer: torch.optim.Optimizer | None = None   # the torch optimizer the engine wraps
         self.params: list[nn.Parameter] = []
         self._mesh = None
-        # Take the values table out of the module before DeepSpeed sees it: a plain instance attribute
-        # is still found by `self.memory_values`, but is in neither parameters() nor state_dict().
+        assert values is None or all(p is not values for p in model.parameters()), \
+            "the values table must be outside the module (Transformer.use_values, training/build.py)"
         self.values = values
-        self._values_requires_grad = bool(values is not None and values.requires_grad)
-        if values is not None:
-            assert model._parameters.get(VALUES_KEY) is values, "values must be the model's memory_values"
-            del model._parameters[VALUES_KEY]
-            model.__dict__[VALUES_KEY] = values
 
     # ---- weights -------------------------------------------------------------------------------
     @torch.no_grad()
-    def materialize(self, init_fn: Callable[[str, torch.Tensor, torch.Generator], None], seed: int) -> None:
-        from model import Transformer
+    def materialize(self, init_fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Allocate and initialise the module (`init_fn(name, full)` per parameter); the values table is
+        build.py's, already made."""
         device = self.dist_info.device
         if self.stage == 3 and self.dist_info.distributed:
-            self._materialize_partitioned(init_fn, seed)
-            self._materialize_values(init_fn, seed)
+            self._materialize_partitioned(init_fn)
             return
         # to_empty makes one new parameter per module, which unties shared weights (tie_embeddings):
         # note the aliases first and tie them again after
@@ -201,21 +197,18 @@ class ZeroStrategy:
             owner, _, attr = alias.rpartition(".")
             setattr(self.model.get_submodule(owner), attr, self.model.get_parameter(canonical))
         for name, param in self.model.named_parameters():
-            init_fn(name, param.data, Transformer.param_generator(seed, name, device))
+            init_fn(name, param.data)
         for module in self.model.modules():
             if isinstance(module, nn.BatchNorm1d):
                 module.reset_running_stats()
-        self._materialize_values(init_fn, seed)
 
     @torch.no_grad()
-    def _materialize_partitioned(self, init_fn: Callable[[str, torch.Tensor, torch.Generator], None],
-                                 seed: int) -> None:
+    def _materialize_partitioned(self, init_fn: Callable[[str, torch.Tensor], None]) -> None:
         """ZeRO-3: each meta parameter becomes a ZeRO-3 parameter holding only this rank's partition.
         A full-size tensor exists for one parameter at a time (initialised from its generator on every
         rank; DeepSpeed broadcasts rank 0's copy, the same bits, before partitioning). Tied parameters
         (every name of one Parameter) get the one new parameter."""
         import deepspeed
-        from model import Transformer
         _quiet_deepspeed()
         device = self.dist_info.device
         owners: dict[int, tuple[str, nn.Parameter, list[tuple[nn.Module, str]]]] = {}
@@ -231,7 +224,7 @@ class ZeroStrategy:
         first: nn.Parameter | None = None
         for canonical, old, places in owners.values():
             full = torch.empty(old.shape, dtype=old.dtype, device=device)
-            init_fn(canonical, full, Transformer.param_generator(seed, canonical, device))
+            init_fn(canonical, full)
             param = nn.Parameter(full, requires_grad=old.requires_grad)
             del full
             for module, attr in places:
@@ -245,19 +238,6 @@ class ZeroStrategy:
             else:
                 first.convert_to_zero_parameters(param_list=[param])
         assert all(hasattr(p, "ds_id") for p in self.model.parameters()), "a parameter escaped ZeRO-3 partitioning"
-
-    @torch.no_grad()
-    def _materialize_values(self, init_fn: Callable[[str, torch.Tensor, torch.Generator], None], seed: int) -> None:
-        """The values table: full and replicated on every rank, outside the engine."""
-        from model import Transformer
-        device = self.dist_info.device
-        if self.values is not None:
-            old = self.values
-            values = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device),
-                                  requires_grad=self._values_requires_grad)
-            init_fn(VALUES_KEY, values.data, Transformer.param_generator(seed, VALUES_KEY, device))
-            self.model.__dict__[VALUES_KEY] = values
-            self.values = values
 
     # ---- the engine ----------------------------------------------------------------------------
     def setup_optimizer(self, params: list[nn.Parameter], factory: Callable[[list], torch.optim.Optimizer]) -> None:
