@@ -184,7 +184,7 @@ def prompt_reads(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, de
                 for i, r in enumerate(rows):
                     tokens[i, width - len(r):] = torch.tensor(r)
                     mask[i, width - len(r):] = True
-                result = model(tokens.to(device), padding_mask=mask.to(device))
+                result = model(tokens.to(device), padding_mask=mask.to(device), reads_only=True)   # no logits
                 slots = torch.cat(list(result.memory_indices), dim=-1).cpu()   # (B, T, layers*heads*k)
                 read = recorder.weights() if recorder is not None else None
                 for i, r in enumerate(rows):

@@ -23,8 +23,8 @@ VALUES_KEY = "memory_values"
 
 @dataclass
 class ModelOutput:
-    logits: Tensor
-    """(B, T, vocab) next-token logits."""
+    logits: Tensor | None
+    """(B, T, vocab) next-token logits; None from forward(reads_only=True)."""
     memory_indices: list[Tensor]
     """One LongTensor (B, T, heads*k) per memory layer; -1 at padded positions."""
     balance_loss: Tensor | None = None
@@ -134,7 +134,12 @@ class Transformer(nn.Module):
         else:
             self.memory_values = None
 
-    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, balance_loss: bool = False) -> ModelOutput:
+    def forward(self, tokens: Tensor, padding_mask: Tensor | None = None, balance_loss: bool = False,
+                reads_only: bool = False) -> ModelOutput:
+        """`reads_only`: stop after the last memory block and return only its reads (memory_indices; logits None):
+        all that background statistics and memory diagnostics use, bit for bit the same, without the blocks
+        above the memory and the output layer (about half a forward for a mid-depth memory). Called through the
+        module on every rank alike, as any forward."""
         batch, seq = tokens.shape
         if seq > self.config.max_seq_len:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.config.max_seq_len}")
@@ -149,7 +154,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         indices: list[Tensor] = []
         balance: list[Tensor] | None = [] if balance_loss else None
-        for layer in self.layers:
+        last = max((i for i, layer in enumerate(self.layers) if layer.memory is not None), default=-1)
+        for i, layer in enumerate(self.layers):
+            if reads_only and i > last:
+                break
             # Only memory blocks get the table: FSDP2 hooks every block's tensor inputs, and an unused
             # table input comes back from its backward hook as a dense N x d zero gradient per block.
             values = self.memory_values if layer.memory is not None else None
@@ -157,6 +165,8 @@ class Transformer(nn.Module):
             if idx is not None:
                 indices.append(idx)
         aux = torch.stack(balance).mean() if balance else None
+        if reads_only:
+            return ModelOutput(logits=None, memory_indices=indices, balance_loss=aux)
         return ModelOutput(logits=self.output(self.norm(h)).float(), memory_indices=indices, balance_loss=aux)
 
     def use_values(self, table: Tensor | None) -> None:

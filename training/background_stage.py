@@ -71,7 +71,8 @@ def _collect(config, dist_info, parts, num: int) -> tuple[torch.Tensor, list[tor
     for i in range(num):
         batch = next(parts.stream)
         with ReadRecorder(module) if i < HEALTH_WEIGHT_BATCHES else contextlib.nullcontext() as recorder:
-            out = module(batch.tokens.to(dist_info.device), padding_mask=batch.padding_mask.to(dist_info.device))
+            out = module(batch.tokens.to(dist_info.device), padding_mask=batch.padding_mask.to(dist_info.device),
+                         reads_only=True)    # the reads are all it records: no blocks above the memory, no logits
             if recorder is not None:
                 weights.append(recorder.weights()[batch.padding_mask.cpu()])
         total_counts += tracker.add_batch_indices(out.memory_indices).cpu().to(torch.int64)

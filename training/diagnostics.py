@@ -122,6 +122,8 @@ class FactDiagnostics:
         else:
             rows = grad.abs().sum(dim=1).nonzero().flatten().cpu()
             vals = grad.index_select(0, rows.to(grad.device)).float().cpu()
+        if not torch.distributed.is_initialized():   # one process: the rows are sorted and unique already
+            return selection_vs_largest_rows(selected.cpu(), rows, vals.pow(2).sum(dim=1))
         present = torch.zeros(n, dtype=torch.int32)
         present[rows] = 1
         if torch.distributed.is_initialized():
@@ -137,18 +139,25 @@ class FactDiagnostics:
         norms = buf.pow(2).sum(dim=1)
         return selection_vs_largest_rows(selected.cpu(), union, norms)
 
-    def after(self, updated_rows: torch.Tensor | None, *, step: int) -> dict[str, Any]:
+    def after(self, updated_rows: torch.Tensor | None, *, step: int,
+              new_fact_items: list | None = None) -> dict[str, Any]:
+        """`new_fact_items`: (fact id, scores) of the final evaluation's new_facts set (same model, same
+        eval_options); when it holds exactly the trained facts in order, their F1 is taken from it instead of
+        generating the same answers again."""
         out: dict[str, Any] = {}
         if self.overlaps:
             out["memory/topt_overlap_memory_all_mean"] = sum(self.overlaps) / len(self.overlaps)
             out["memory/topt_grad_mass_mean"] = sum(self.grad_masses) / len(self.grad_masses)
         trained = [r for r in self.records.values() if r.id in self.last_update]
         if trained:
-            scores = qa_scores(self.model, self.tokenizer, trained, return_items=True, device=self.device,
-                               **self.eval_options)
+            if new_fact_items is not None and [i for i, _ in new_fact_items] == [r.id for r in trained]:
+                f1 = [scores["f1"] for _, scores in new_fact_items]
+            else:
+                scores = qa_scores(self.model, self.tokenizer, trained, return_items=True, device=self.device,
+                                   **self.eval_options)
+                f1 = [item["f1"] for item in scores["items"]]
             since = [step - self.last_update[r.id] for r in trained]
-            out["new_facts/f1_by_steps_since_update"] = f1_by_steps_since_update(
-                since, [item["f1"] for item in scores["items"]])
+            out["new_facts/f1_by_steps_since_update"] = f1_by_steps_since_update(since, f1)
         if self.coverages:
             out["memory/answer_slot_coverage_mean"] = sum(self.coverages) / len(self.coverages)
             out["memory/prompt_slot_coverage_mean"] = sum(self.prompt_coverages) / len(self.prompt_coverages)

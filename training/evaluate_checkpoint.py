@@ -141,14 +141,15 @@ def load_model(config, ckpt: Path, dist_info):
     return strategy
 
 
-def evaluate_module(config, module, tokenizer, sets, device) -> dict[str, float]:
-    """The trainer's evaluation call: config.eval sizes, greedy QA of eval.max_new_tokens tokens."""
+def evaluate_module(config, module, tokenizer, sets, device, items: dict[str, list] | None = None) -> dict[str, float]:
+    """The trainer's evaluation call: config.eval sizes, greedy QA of eval.max_new_tokens tokens (`items`: see
+    evaluation.evaluate_sets)."""
     from evaluation import evaluate_sets
 
     return evaluate_sets(module, tokenizer, sets, batch_size=config.eval.batch_size,
                          max_items=config.eval.max_items, device=device,
                          options={n: {"max_new_tokens": config.eval.max_new_tokens}
-                                  for n, (kind, _) in sets.items() if kind == "qa"})
+                                  for n, (kind, _) in sets.items() if kind == "qa"}, items=items)
 
 
 def evaluate_checkpoint(checkpoint: str, *, sets: Any = None, out: str | None = None,

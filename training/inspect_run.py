@@ -78,7 +78,7 @@ def _background_readers(base_ckpt: Path, base_run: Path | None, slots: list[int]
             for _ in range(batches):
                 batch = next(stream)
                 out = strategy.module(batch.tokens.to(dist_info.device),
-                                      padding_mask=batch.padding_mask.to(dist_info.device))
+                                      padding_mask=batch.padding_mask.to(dist_info.device), reads_only=True)
                 tokens = batch.tokens.cpu()
                 for layer in out.memory_indices:
                     idx = layer.cpu()                                    # (B, T, heads*k)

@@ -390,7 +390,9 @@ def _finish(config, dist_info, run_dir: Path, log, parts: _Parts, progress: Prog
         C.save_tree(run_dir / "updated_rows.safetensors", {"rows": updated_rows})
         if progress.selections is not None:
             C.save_tree(run_dir / "selections.safetensors", C.selections_tree(progress.selections))
-    after = _evaluate(config, parts.strategy, parts.tokenizer, sets, dist_info, log, step, "after") if sets else {}
+    items: dict[str, list] | None = {"new_facts": []} if progress.diagnostics is not None else None
+    after = _evaluate(config, parts.strategy, parts.tokenizer, sets, dist_info, log, step, "after",
+                      items=items) if sets else {}
     trainable_per_step = _trainable_per_step(config, parts.plan, parts.trainable, parts.values)
     summary = build_summary(stage=config.stage, method=config.method if config.stage == "finetune" else "-",
                             steps=step, wall_time_s=time.time() - t_start,
@@ -399,7 +401,8 @@ def _finish(config, dist_info, run_dir: Path, log, parts: _Parts, progress: Prog
     summary["values_replicas_identical"] = True   # check_replicas above raised otherwise
     if progress.diagnostics is not None:
         rows = updated_rows if parts.plan.train_values else None
-        summary["diagnostics"] = {**progress.diag_before, **progress.diagnostics.after(rows, step=step)}
+        summary["diagnostics"] = {**progress.diag_before, **progress.diagnostics.after(
+            rows, step=step, new_fact_items=(items or {}).get("new_facts"))}
         log.log(step, {k: v for k, v in summary["diagnostics"].items() if isinstance(v, (int, float))},
                 kind="diagnostics", console=False)
     if dist_info.is_main:
@@ -423,9 +426,9 @@ def _trainable_per_step(config, plan, trainable, values) -> int:
     return dense + values.numel()    # upper bound: every accessed row may move
 
 
-def _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, tag) -> dict:
+def _evaluate(config, strategy, tokenizer, sets, dist_info, log, step, tag, items: dict | None = None) -> dict:
     if not sets:
         return {}
-    results = evaluate_module(config, strategy.module, tokenizer, sets, dist_info.device)
+    results = evaluate_module(config, strategy.module, tokenizer, sets, dist_info.device, items=items)
     log.log(step, {f"eval/{k}": v for k, v in results.items()}, kind="eval", extra={"tag": tag})
     return results
