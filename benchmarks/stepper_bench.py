@@ -206,7 +206,7 @@ def run_pretrain(profile) -> dict:
     # the same model with a dense values gradient (AdamW needs one), the trainer's initial weights
     hand_cfg = dataclasses.replace(model.config, memory=dataclasses.replace(model.config.memory, sparse_grad=False))
     hand = build_model(hand_cfg, seed=config.seed)
-    hand.load_state_dict(model.state_dict())
+    hand.load_state_dict({**model.state_dict(), "memory_values": values})   # the table is outside the module
     hand.train(True)
     o = config.optim
     params = [p for p in hand.parameters() if p.requires_grad]
