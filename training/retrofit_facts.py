@@ -114,8 +114,8 @@ def write_split(out: Path, groups: dict[str, list], info: dict[str, Any]) -> dic
 
 
 def select_facts(init_from: str, source: str, out: str, *, num_known: int = 32, num_new: int = 16,
-                 num_background: int = 200, scan: int = 1000, known_min_f1: float = 1.0, seq_len: int = 48,
-                 max_new_tokens: int = 8, batch_size: int = 32, device: str = "cpu",
+                 num_background: int = 200, scan: int = 2000, known_min_f1: float = 0.5, seq_len: int = 48,
+                 max_new_tokens: int = 8, batch_size: int = 64, device: str = "cpu",
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score the model of run `init_from` on TriviaQA `source` and write the split to `out` (see module doc)."""
     import time
